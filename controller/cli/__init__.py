@@ -1,0 +1,1 @@
+"""Command-line entry points. Each subcommand is a module with `add_parser` and `run`."""
