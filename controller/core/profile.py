@@ -69,13 +69,16 @@ def _num(d: Mapping[str, Any], key: str, path: str, *, positive: bool = True, de
 
 
 def _num_list(d: Mapping[str, Any], key: str, path: str) -> tuple[float, ...]:
-    v = d.get(key)
+    return _floats(d.get(key), f"{path}.{key}")
+
+
+def _floats(v: Any, path: str) -> tuple[float, ...]:
     if not isinstance(v, list) or not v:
-        raise ProfileError(f"{path}.{key}={v!r}: must be a non-empty list of numbers")
+        raise ProfileError(f"{path}={v!r}: must be a non-empty list of numbers")
     out = []
     for i, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(float(x)):
-            raise ProfileError(f"{path}.{key}[{i}]={x!r}: not a finite number")
+            raise ProfileError(f"{path}[{i}]={x!r}: not a finite number")
         out.append(float(x))
     return tuple(out)
 
@@ -121,7 +124,7 @@ def profile_from_dict(raw: Any, origin: str = "profile") -> Profile:
         grid = dec["tpot_ms"]
         if not isinstance(grid, list) or not grid or not all(isinstance(r, list) for r in grid):
             raise ProfileError(f"{origin}.decode.tpot_ms={grid!r}: must be a list of rows (one per context)")
-        rows = tuple(_num_list({"row": r}, "row", f"{origin}.decode.tpot_ms[{i}]") for i, r in enumerate(grid))
+        rows = tuple(_floats(r, f"{origin}.decode.tpot_ms[{i}]") for i, r in enumerate(grid))
         kv = dec.get("kv_capacity_tokens")
         decode_curve = DecodeProfile(
             batch=_num_list(dec, "batch", f"{origin}.decode"),
