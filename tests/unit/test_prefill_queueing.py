@@ -125,3 +125,12 @@ def test_ttft_at_or_below_overhead_is_infeasible() -> None:
 def test_bad_lengths_named(bad: float) -> None:
     with pytest.raises(ModelInputError, match="input_len"):
         service_time(PrefillCurve(max_tps=1000.0), bad)
+
+
+@pytest.mark.parametrize("rho", [0.3, 0.5, 0.7])
+def test_md1_tail_follows_cramer_lundberg(rho: float) -> None:
+    # fixed-length benchmarks: the P99 must be right too, not only the P90
+    service, svc = draw_service("md1", seed=1)
+    rate = rho / svc.mean_s
+    sim = lindley_sojourn(rate, np.tile(service, 3), seed=5)
+    assert sojourn_s(QueueModel.MD1, rate, svc, 0.99) == pytest.approx(np.quantile(sim, 0.99), rel=0.05)
