@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from controller.core.decode import DecodeOperatingPoint, decode_operating_point
-from controller.core.errors import InfeasibleError, ModelInputError
+from controller.core.errors import ModelInputError
 from controller.core.prefill import PrefillQueueing, QueueModel, ServiceTime, service_time
 from controller.core.profile import Profile
 
@@ -310,8 +310,3 @@ def best_split(gpus: int, cap: InstanceCapacity, workload: Workload, hw: Hardwar
     m, n = max(cands, key=key)
     dep = Deployment(m, n)
     return BudgetSplit(gpus, dep, deployment_capacity(dep, cap, workload), dep.gpus(hw))
-
-
-def require_feasible(rate_rps: float, cap: InstanceCapacity) -> None:
-    if cap.prefill_rate_rps <= 0 or cap.decode_rate_rps <= 0:
-        raise InfeasibleError(f"rate_rps={rate_rps:g}: no instance meets the objectives")
