@@ -81,6 +81,158 @@ class PlanConfig(_Section):
     rounding: Literal["ceil", "nearest"] = "ceil"
 
 
+class ActuationConfig(_Section):
+    """How decisions reach the fleet (see docs/actuation.md)."""
+
+    kind: Literal["dry-run", "router", "kubernetes"] = Field(
+        "dry-run", description="dry-run logs only; router = registry + switch; kubernetes = scale workloads"
+    )
+    router_url: str | None = Field(None, description="sglang-router base URL, e.g. http://127.0.0.1:30000")
+    switch: Literal["role-switch", "agent"] = Field(
+        "role-switch", description="how a worker changes role: SGLang /pd_role_switch, or a node agent restart"
+    )
+    agents: dict[str, str] = Field(
+        default_factory=dict, description="worker URL -> node agent ZeroMQ endpoint (switch: agent)"
+    )
+    agent_server_key: Path | None = Field(None, description="agents' CURVE public key file (.key)")
+    agent_client_key: Path | None = Field(None, description="controller's CURVE secret key file (.key_secret)")
+    bootstrap_ports: dict[str, int] = Field(
+        default_factory=dict, description="worker URL -> disaggregation bootstrap port, used when it serves prefill"
+    )
+    spare_workers: list[str] = Field(
+        default_factory=list, description="URLs of started, unregistered workers that scale-up may register"
+    )
+    max_flips_in_flight: int = Field(1, ge=1, description="K: concurrent drained flips at most")
+    flip_budget_per_hour: int = Field(6, ge=0, description="flips started in any rolling hour, at most")
+    min_pool_size: int = Field(1, ge=1, description="never take a pool below this many healthy workers")
+    drain_timeout_s: float = Field(60.0, gt=0, description="wait this long for a removed worker to go idle")
+    switch_timeout_s: float = Field(120.0, gt=0, description="wait this long for the switched worker to be healthy")
+    register_timeout_s: float = Field(30.0, gt=0, description="wait this long for the router to list a worker")
+    verify_timeout_s: float = Field(30.0, ge=0, description="wait this long for traffic to reach it; 0 skips")
+    poll_interval_s: float = Field(0.5, gt=0, description="polling period of the waits above")
+    http_timeout_s: float = Field(5.0, gt=0, description="per-request timeout to router, workers, agents")
+    retries: int = Field(4, ge=0, description="retries of a failed router/worker call (5xx, timeout)")
+    backoff_initial_s: float = Field(0.2, gt=0, description="first retry delay; doubles per failure")
+    backoff_max_s: float = Field(5.0, gt=0, description="retry delay cap")
+    journal: Path | None = Field(None, description="file recording in-flight flips, for recovery after restart")
+    k8s_namespace: str = "default"
+    k8s_prefill_workload: str | None = Field(None, description="kind/name, e.g. Deployment/sglang-prefill")
+    k8s_decode_workload: str | None = Field(None, description="kind/name, e.g. LeaderWorkerSet/sglang-decode")
+    k8s_role_label: str = Field("pd.sglang.io/role", description="pod label patched on a flip")
+
+    @model_validator(mode="after")
+    def _needs(self) -> ActuationConfig:
+        if self.kind == "router" and not self.router_url:
+            raise ValueError(f"kind={self.kind!r} needs router_url")
+        if self.switch == "agent" and self.kind == "router" and not self.agents:
+            raise ValueError(f"switch={self.switch!r} needs agents (worker URL -> endpoint)")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError(
+                f"backoff_max_s={self.backoff_max_s!r} must be >= backoff_initial_s={self.backoff_initial_s!r}"
+            )
+        return self
+
+
+class ControlConfig(_Section):
+    """The online controller (controller.core.control): tick, windows, bounds, limits, forecaster."""
+
+    mode: Literal["fixed", "elastic"] = "elastic"
+    tick_period_s: float = Field(5.0, gt=0)
+    window_s: float = Field(60.0, gt=0, description="estimator sliding window")
+    min_samples: int = Field(20, ge=1, description="fewer completed requests in the window: insufficient_data")
+    max_age_s: float = Field(120.0, gt=0, description="newest sample older than this: stale")
+    tolerance: float = Field(0.1, ge=0, lt=1)
+    stabilization_up_s: float = Field(0.0, ge=0)
+    stabilization_down_s: float = Field(300.0, ge=0)
+    min_prefill: int = Field(1, ge=1)
+    max_prefill: int = Field(64, ge=1)
+    min_decode: int = Field(1, ge=1)
+    max_decode: int = Field(64, ge=1)
+    gpus: int | None = Field(None, ge=2, description="fixed mode: the GPU budget; elastic: an optional cap")
+    max_flips_in_flight: int = Field(2, ge=0)
+    max_flips_per_hour: int = Field(30, ge=0)
+    max_scale_step: int = Field(4, ge=1)
+    flip_time_s: float = Field(30.0, ge=0)
+    drain_s: float = Field(10.0, ge=0)
+    cold_start_s: float = Field(300.0, ge=0)
+    level_tau_s: float = Field(30.0, gt=0)
+    trend_tau_s: float = Field(300.0, gt=0)
+    trend_damping_s: float = Field(120.0, ge=0)
+    season_period_s: float = Field(86400.0, gt=0)
+    season_bucket_s: float = Field(60.0, gt=0)
+    forecast_z: float = Field(1.5, ge=0)
+    rise_quantile: float = Field(0.9, ge=0, lt=1)
+    rise_history: int = Field(120, ge=1)
+    rise_min_samples: int = Field(10, ge=1)
+    decode_margin_z: float = Field(1.0, ge=0)
+    burst_bin_s: float = Field(10.0, gt=0)
+    burst_quantile: float = Field(0.9, ge=0, lt=1)
+    calibrate: bool = True
+    calibration_alpha: float = Field(0.1, gt=0, le=1)
+    calibration_max_step: float = Field(0.05, gt=0)
+    calibration_bounds: tuple[float, float] = (0.5, 2.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> ControlConfig:
+        if self.max_prefill < self.min_prefill:
+            raise ValueError(f"max_prefill={self.max_prefill!r} must be >= min_prefill={self.min_prefill!r}")
+        if self.max_decode < self.min_decode:
+            raise ValueError(f"max_decode={self.max_decode!r} must be >= min_decode={self.min_decode!r}")
+        if self.mode == "fixed" and self.gpus is None:
+            raise ValueError("mode='fixed' needs gpus (the GPU budget)")
+        lo, hi = self.calibration_bounds
+        if not (0 < lo <= 1 <= hi):
+            raise ValueError(f"calibration_bounds={self.calibration_bounds!r}: need 0 < low <= 1 <= high")
+        return self
+
+    def to_params(self) -> Any:
+        """The core's ControlParams (controller.core.control.params)."""
+        from controller.core.control.params import ControlParams, Mode
+
+        return ControlParams(**{**self.model_dump(), "mode": Mode(self.mode)})
+
+
+class TelemetryConfig(_Section):
+    """Where the live sidecar reads traffic from (see docs/sidecar.md)."""
+
+    zmq_endpoints: list[str] = Field(
+        default_factory=list, description="taps' PUB endpoints to subscribe to, e.g. tcp://127.0.0.1:5557"
+    )
+    router_url: str | None = Field(None, description="router base URL: GET /workers and /engine_metrics")
+    router_metrics_url: str | None = Field(
+        None, description="router's own Prometheus endpoint (--prometheus-port), e.g. http://127.0.0.1:29000/metrics"
+    )
+    scrape_interval_s: float = Field(5.0, gt=0)
+    scrape_timeout_s: float = Field(2.0, gt=0)
+    workers_interval_s: float = Field(5.0, gt=0, description="GET /workers period")
+    synthesize_from_scrape: bool | None = Field(
+        None, description="request events from worker counters; None = only when no tap endpoint is configured"
+    )
+    fresh_s: float = Field(30.0, gt=0, description="/readyz: telemetry newer than this counts as fresh")
+    max_pending_events: int = Field(1_000_000, ge=1, description="events buffered between two ticks at most")
+    rcvhwm: int = Field(10_000, ge=1, description="SUB receive high-water mark, frames")
+
+    @model_validator(mode="after")
+    def _endpoints(self) -> TelemetryConfig:
+        for ep in self.zmq_endpoints:
+            if not ep.startswith(("tcp://", "ipc://", "inproc://")):
+                raise ValueError(f"zmq_endpoints item {ep!r}: expected tcp://HOST:PORT")
+        for name in ("router_url", "router_metrics_url"):
+            v = getattr(self, name)
+            if v is not None and not v.startswith(("http://", "https://")):
+                raise ValueError(f"{name}={v!r}: expected an http:// URL")
+        return self
+
+
+class ApiConfig(_Section):
+    """The sidecar's HTTP API. Mutating endpoints need `Authorization: Bearer <token>`."""
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless you mean it")
+    port: int = Field(9109, ge=0, le=65535, description="0 = an ephemeral port")
+    token: str | None = Field(None, description="bearer token for POST /v1/pause and /v1/resume")
+    token_env: str = Field("PDCTL_API_TOKEN", description="environment variable read when token is not set")
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -88,6 +240,10 @@ class Config(_Section):
     workload: WorkloadConfig | None = None
     hardware: HardwareConfig | None = None
     plan: PlanConfig = PlanConfig()
+    control: ControlConfig = ControlConfig()
+    actuation: ActuationConfig = ActuationConfig()
+    telemetry: TelemetryConfig = TelemetryConfig()
+    api: ApiConfig = ApiConfig()
 
 
 def format_validation_error(err: ValidationError, origin: str) -> str:

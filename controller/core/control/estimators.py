@@ -1,0 +1,199 @@
+"""Sliding-window estimators over completed-request events, each with its confidence.
+
+The window is kept as plain arrays (copy-on-write: each tick builds new ones).
+Arrival rate uses conservation of requests: arrivals in (t0, t1] equal
+completions in (t0, t1] plus the change of requests in flight. Completions
+alone lag by one request's latency and saturate under overload (a fleet that
+can only complete mu req/s would never see a rate above mu); the in-flight
+term restores the true arrival rate when the router exposes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from controller.core.control.types import Estimates, FloatArray
+from controller.core.events import EVENT_DTYPE
+
+STATUS_OK_MAX = 399  # HTTP-like status: 2xx/3xx count as served
+# Quantiles are read from at most this many window samples (an even stride
+# through the window): the rank error of a quantile from m samples is about
+# sqrt(q (1 - q) / m), 0.3 % at P90 for m = 8192, while a full partition of a
+# 100k-event window costs ~1 ms per call, several calls per tick.
+QUANTILE_SAMPLES = 8192
+
+
+def thinned(x: FloatArray, cap: int = QUANTILE_SAMPLES) -> FloatArray:
+    """An even-stride subsample of at most about `cap` values (all of x when it is small)."""
+    step = x.size // cap
+    return x[::step] if step > 1 else x
+
+
+@dataclass(frozen=True)
+class EventWindow:
+    """Completed requests inside the estimator window, ordered by completion time."""
+
+    done_s: FloatArray
+    arrival_s: FloatArray
+    input_tokens: FloatArray
+    cached_tokens: FloatArray
+    output_tokens: FloatArray
+    ttft_s: FloatArray
+    tpot_s: FloatArray
+
+    @classmethod
+    def empty(cls) -> EventWindow:
+        z = np.zeros(0, dtype=np.float64)
+        return cls(z, z, z, z, z, z, z)
+
+    def __len__(self) -> int:
+        return int(self.done_s.size)
+
+    def extended(self, events: np.ndarray, now: float, horizon_s: float) -> EventWindow:
+        """Append new events (ok status only) and drop those completed before now - horizon_s."""
+        if events.dtype != EVENT_DTYPE:
+            raise TypeError(f"events dtype={events.dtype}: expected EVENT_DTYPE")
+        ok = events[events["status"] <= STATUS_OK_MAX] if events.size else events
+        arr = ok["arrival_s"].astype(np.float64)
+        done = arr + np.maximum(ok["e2e_s"].astype(np.float64), 0.0)
+        cols = [
+            (self.done_s, done),
+            (self.arrival_s, arr),
+            (self.input_tokens, ok["input_tokens"].astype(np.float64)),
+            (self.cached_tokens, ok["cached_tokens"].astype(np.float64)),
+            (self.output_tokens, ok["output_tokens"].astype(np.float64)),
+            (self.ttft_s, ok["ttft_s"].astype(np.float64)),
+            (self.tpot_s, ok["tpot_s"].astype(np.float64)),
+        ]
+        cut = now - horizon_s
+        # the window is sorted by completion time: expiring old events is a slice, not a mask
+        first = int(np.searchsorted(self.done_s, cut, side="right"))
+        fresh = done > cut
+        order = np.argsort(done[fresh], kind="stable")
+        news = [b[fresh][order] for _, b in cols]
+        olds = [a[first:] for a, _ in cols]
+        if news[0].size == 0:
+            return EventWindow(*olds)
+        merged = [np.concatenate((a, b)) for a, b in zip(olds, news, strict=True)]
+        if olds[0].size and news[0][0] < olds[0][-1]:
+            # late events from a slower source interleave with the window: full (stable) re-sort
+            order = np.argsort(merged[0], kind="stable")
+            merged = [m[order] for m in merged]
+        return EventWindow(*merged)
+
+    def since(self, t0: float) -> EventWindow:
+        i = int(np.searchsorted(self.done_s, t0, side="right"))
+        return EventWindow(*(a[i:] for a in self.arrays()))
+
+    def arrays(self) -> tuple[FloatArray, ...]:
+        return (
+            self.done_s, self.arrival_s, self.input_tokens, self.cached_tokens,
+            self.output_tokens, self.ttft_s, self.tpot_s,
+        )
+
+
+def in_flight_at(history: tuple[tuple[float, int], ...], t: float) -> int | None:
+    """The in-flight count recorded at the latest sample at or before t (None if none)."""
+    best: int | None = None
+    for ts, n in history:
+        if ts <= t + 1e-9:
+            best = n
+        else:
+            break
+    return best
+
+
+def peak_rate(window: EventWindow, t0: float, t1: float, bin_s: float, q: float) -> float:
+    """q-quantile of the arrival rate over bins of bin_s seconds in [t0, t1), by arrival time.
+
+    Decode has no queue to absorb a burst (the batch, and with it every
+    running request's TPOT, grows at once), so it is sized for short-term peaks.
+    """
+    nb = int((t1 - t0) // bin_s)
+    if nb < 2 or len(window) == 0:
+        return 0.0
+    a = window.arrival_s
+    a = a[(a >= t1 - nb * bin_s) & (a < t1)]
+    counts = np.bincount(((a - (t1 - nb * bin_s)) // bin_s).astype(np.int64), minlength=nb)[:nb]
+    return float(np.quantile(counts, q)) / bin_s
+
+
+def estimate(
+    window: EventWindow,
+    now: float,
+    start_s: float,
+    window_s: float,
+    in_flight_history: tuple[tuple[float, int], ...] = (),
+    previous: Estimates | None = None,
+    burst_bin_s: float = 10.0,
+    burst_quantile: float = 0.9,
+    lag_s: float = 0.0,
+) -> Estimates:
+    """Estimates over (now - window_s, now]; lengths fall back to `previous` when the window is empty."""
+    t0 = max(now - window_s, start_s)
+    covered = max(now - t0, 0.0)
+    w = window.since(t0)
+    n = len(w)
+    inflight_now = in_flight_at(in_flight_history, now)
+    inflight_then = in_flight_at(in_flight_history, t0)
+    rate = n / covered if covered > 0 else 0.0
+    if inflight_now is not None:
+        # conservation over (t_a, now]: arrivals = completions + change of requests in flight.
+        # Before a full window of in-flight samples exists, use the span since the first sample.
+        t_a, then = (t0, inflight_then) if inflight_then is not None else in_flight_history[0]
+        span = now - t_a
+        if span > 0:
+            done = len(window.since(t_a))
+            rate = max(0.0, done + inflight_now - then) / span
+    newest_age = now - float(w.done_s[-1]) if n else math.inf
+    if n == 0:
+        if previous is not None:
+            return Estimates(
+                arrival_rate_rps=rate,
+                input_len_mean=previous.input_len_mean,
+                input_len_m2=previous.input_len_m2,
+                input_len_p50=previous.input_len_p50,
+                input_len_p90=previous.input_len_p90,
+                output_len_mean=previous.output_len_mean,
+                output_len_p90=previous.output_len_p90,
+                cache_hit_rate=previous.cache_hit_rate,
+                samples=0,
+                window_covered_s=covered,
+                newest_age_s=newest_age,
+                lengths_from_history=True,
+            )
+        return Estimates(rate, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0.0, 0, covered, newest_age)
+    inp = w.input_tokens
+    # arrivals of the last lag_s have mostly not completed yet: leave them out of the burst bins
+    peak = peak_rate(window, t0, now - lag_s, burst_bin_s, burst_quantile) if burst_quantile > 0 else 0.0
+    total_in = float(inp.sum())
+    hit = float(w.cached_tokens.sum()) / total_in if total_in > 0 else 0.0
+    q50, q90 = np.quantile(thinned(inp), [0.5, 0.9])
+    return Estimates(
+        arrival_rate_rps=rate,
+        input_len_mean=float(inp.mean()),
+        input_len_m2=float(np.mean(inp * inp)),
+        input_len_p50=float(q50),
+        input_len_p90=float(q90),
+        output_len_mean=float(w.output_tokens.mean()),
+        output_len_p90=float(np.quantile(thinned(w.output_tokens), 0.9)),
+        cache_hit_rate=min(max(hit, 0.0), 0.99),
+        samples=n,
+        window_covered_s=covered,
+        newest_age_s=newest_age,
+        peak_rate_rps=peak,
+    )
+
+
+def input_quantiles(window: EventWindow, t0: float, k: int = 32) -> tuple[float, ...]:
+    """k mid-point quantiles of input lengths in the window, on a ~4% log grid (memo-friendly)."""
+    w = window.since(t0)
+    if len(w) == 0:
+        return ()
+    qs = np.quantile(thinned(w.input_tokens), (np.arange(k) + 0.5) / k)
+    qs = np.maximum(qs, 1.0)
+    # quantize: 16 steps per octave, so equal-shaped windows map to the same model inputs
+    return tuple(float(2.0 ** (round(math.log2(x) * 16) / 16)) for x in qs)

@@ -1,0 +1,138 @@
+"""Load forecast: Holt level + trend on the rate estimates, a seasonal (history) term, a margin.
+
+Holt's linear method with time-based smoothing (alpha = 1 - exp(-dt/tau)) so
+the behaviour does not change with the tick period. The seasonal term is the
+change seen one period ago over the same horizon (additive seasonal naive,
+the history-aware part of DOPD-style proactive reconfiguration): if traffic
+rose between t-P and t-P+h yesterday, expect the same rise now. The plan
+sizes for the forecast *maximum* over the lead time an action needs, plus z
+standard deviations of the one-step forecast residuals, and at least the
+level plus the q-quantile of how far the load has risen within one lead
+time in the recent past (learned online: each sample's level is compared
+with the maximum rate seen during the lead time that followed it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from controller.core.control.params import ControlParams
+from controller.core.control.types import FloatArray, Forecast
+
+
+@dataclass(frozen=True)
+class ForecastState:
+    level: float | None = None
+    trend: float = 0.0
+    resid_var: float = 0.0
+    last_s: float | None = None
+    # seasonal ring: mean rate per bucket, and the time each bucket was last written
+    season_rate: FloatArray | None = None
+    season_time: FloatArray | None = None
+    # learned rise over the lead time: open samples (issued_s, level, running max of the rate)
+    # and the rises (max over the lead time - level, req/s) of the samples that have matured
+    pending: tuple[tuple[float, float, float], ...] = ()
+    rise_ratios: tuple[float, ...] = ()  # req/s
+    last_issue_s: float = -math.inf
+
+
+def _ring(p: ControlParams) -> int:
+    return max(1, math.ceil(p.season_period_s / p.season_bucket_s))
+
+
+def _rise(st: ForecastState, rate: float, now: float, level: float, p: ControlParams) -> tuple[
+        tuple[tuple[float, float, float], ...], tuple[float, ...], float]:
+    """Track how far the load rose within one lead time after each sample (history-aware margin)."""
+    lead = p.lead_s
+    pending = []
+    ratios = list(st.rise_ratios)
+    for t0, lvl, top in st.pending:
+        top = max(top, rate)
+        if now >= t0 + lead:
+            ratios.append(top - lvl)
+        else:
+            pending.append((t0, lvl, top))
+    issued = st.last_issue_s
+    if now - issued >= max(lead / 10.0, p.tick_period_s):
+        pending.append((now, level, rate))
+        issued = now
+    return tuple(pending), tuple(ratios[-p.rise_history:]), issued
+
+
+def update(st: ForecastState, rate: float, now: float, p: ControlParams) -> ForecastState:
+    """Fold one rate observation in."""
+    if st.level is None or st.last_s is None:
+        n = _ring(p)
+        sr = np.full(n, np.nan)
+        stt = np.full(n, -np.inf)
+        b = int(now // p.season_bucket_s) % n
+        sr[b], stt[b] = rate, now
+        return ForecastState(rate, 0.0, 0.0, now, sr, stt)
+    dt = max(now - st.last_s, 1e-9)
+    pred = st.level + st.trend * dt
+    a = 1.0 - math.exp(-dt / p.level_tau_s)
+    g = 1.0 - math.exp(-dt / p.trend_tau_s)
+    level = a * rate + (1.0 - a) * pred
+    trend = g * (level - st.level) / dt + (1.0 - g) * st.trend
+    resid = rate - pred
+    resid_var = a * resid * resid + (1.0 - a) * st.resid_var
+    assert st.season_rate is not None and st.season_time is not None
+    sr, stt = st.season_rate.copy(), st.season_time.copy()
+    n = sr.size
+    b = int(now // p.season_bucket_s) % n
+    if now - stt[b] > p.season_bucket_s:  # a new pass over this bucket: restart its mean
+        sr[b] = rate
+    else:
+        sr[b] = 0.8 * sr[b] + 0.2 * rate
+    stt[b] = now
+    pending, ratios, issued = _rise(st, rate, now, max(level, 0.0), p)
+    return replace(st, level=max(level, 0.0), trend=trend, resid_var=resid_var, last_s=now, season_rate=sr,
+                   season_time=stt, pending=pending, rise_ratios=ratios, last_issue_s=issued)
+
+
+def _seasonal_delta(st: ForecastState, now: float, horizon_s: float, p: ControlParams) -> float | None:
+    """Max rise over [now-P, now-P+h] one period ago, if that history exists."""
+    if st.season_rate is None or st.season_time is None:
+        return None
+    n = st.season_rate.size
+    period = p.season_period_s
+    base_b = int((now - period) // p.season_bucket_s) % n
+    base_t = st.season_time[base_b]
+    # valid only if written during the previous period, not this one
+    if not (now - period - 2 * p.season_bucket_s <= base_t <= now - period + p.season_bucket_s):
+        return None
+    base = st.season_rate[base_b]
+    best = 0.0
+    steps = max(1, math.ceil(horizon_s / p.season_bucket_s))
+    for k in range(1, steps + 1):
+        b = int((now - period + k * p.season_bucket_s) // p.season_bucket_s) % n
+        t = st.season_time[b]
+        if now - period - p.season_bucket_s <= t <= now - period + (k + 1) * p.season_bucket_s:
+            best = max(best, float(st.season_rate[b] - base))
+    return best
+
+
+def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) -> Forecast:
+    """Forecast maximum over [now, now + horizon_s]."""
+    if st.level is None or st.last_s is None:
+        return Forecast(0.0, 0.0, None, horizon_s, 0.0)
+    level = st.level + st.trend * max(now - st.last_s, 0.0)
+    # damped trend (Gardner): a trend persists for ~trend_damping_s, so over horizon h it adds
+    # trend * tau_d * (1 - exp(-h / tau_d)) - a noisy trend cannot be extrapolated over a long cold start
+    tau_d = p.trend_damping_s
+    rise = st.trend * tau_d * (1.0 - math.exp(-horizon_s / tau_d)) if tau_d > 0 else 0.0
+    # the damped path is monotone: its maximum over the horizon is at one end
+    holt_max = max(level, level + rise)
+    sdelta = _seasonal_delta(st, now, horizon_s, p)
+    seasonal = None if sdelta is None else level + sdelta
+    top = holt_max if seasonal is None else max(holt_max, seasonal)
+    top += p.forecast_z * math.sqrt(max(st.resid_var, 0.0))
+    # history-aware margin: the q-quantile of how far load has risen within one lead time
+    # (additive, in req/s: a ratio to a near-idle level would explode after idle gaps)
+    if len(st.rise_ratios) >= p.rise_min_samples and p.rise_quantile > 0:
+        rise = float(np.quantile(np.asarray(st.rise_ratios), p.rise_quantile))
+        top = max(top, level + max(rise, 0.0))
+    return Forecast(level, st.trend, seasonal, horizon_s, max(top, 0.0))

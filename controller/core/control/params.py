@@ -1,0 +1,113 @@
+"""Control parameters as a plain core dataclass (the pydantic `ControlConfig` converts to it)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+from controller.core.errors import ModelInputError
+from controller.core.sizing import Hardware, Objectives
+
+
+class Mode(StrEnum):
+    FIXED = "fixed"  # a GPU budget: only flips move capacity
+    ELASTIC = "elastic"  # pools scale between bounds
+
+
+@dataclass(frozen=True)
+class ControlParams:
+    mode: Mode = Mode.ELASTIC
+    tick_period_s: float = 5.0
+    window_s: float = 60.0  # estimator sliding window
+    min_samples: int = 20  # fewer completed requests in the window -> insufficient_data
+    max_age_s: float = 120.0  # newest sample older than this -> stale
+    tolerance: float = 0.1  # HPA-style: ignore |target/current - 1| <= tolerance
+    stabilization_up_s: float = 0.0  # up: min over this window (0 = act at once)
+    stabilization_down_s: float = 300.0  # down: max over this window
+    min_prefill: int = 1
+    max_prefill: int = 64
+    min_decode: int = 1
+    max_decode: int = 64
+    gpus: int | None = None  # fixed-budget mode: total GPUs; elastic: optional cap
+    max_flips_in_flight: int = 2
+    max_flips_per_hour: int = 30
+    max_scale_step: int = 4  # instances added per pool per tick
+    flip_time_s: float = 30.0  # role switch once drained
+    drain_s: float = 10.0  # expected drain before a flip can start
+    cold_start_s: float = 300.0
+    # forecaster
+    level_tau_s: float = 30.0  # Holt level smoothing time constant
+    trend_tau_s: float = 300.0  # Holt trend smoothing time constant
+    trend_damping_s: float = 120.0  # how long a trend is extrapolated (damped trend); 0 = no trend
+    season_period_s: float = 86400.0  # seasonal (same time yesterday) component
+    season_bucket_s: float = 60.0
+    forecast_z: float = 1.5  # margin: z standard deviations of one-step residuals
+    rise_quantile: float = 0.9  # history-aware margin: quantile of (max over lead time - level); 0 = off
+    rise_history: int = 120  # matured rise samples kept
+    rise_min_samples: int = 10
+    # model
+    decode_margin_z: float = 1.0  # size decode so B + z*sqrt(B) <= B* (Poisson batch fluctuation)
+    burst_bin_s: float = 10.0  # decode covers the burst_quantile of the arrival rate over such bins
+    burst_quantile: float = 0.9  # 0 = size decode for the mean rate only
+    # calibration
+    calibrate: bool = True
+    calibration_alpha: float = 0.1  # EMA weight of a new fit
+    calibration_max_step: float = 0.05  # max relative change of a scale per tick (bounded drift)
+    calibration_bounds: tuple[float, float] = (0.5, 2.0)
+
+    def __post_init__(self) -> None:
+        pos = ("tick_period_s", "window_s", "max_age_s", "level_tau_s", "trend_tau_s", "season_period_s", "season_bucket_s")
+        for name in pos:
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ModelInputError(name, v, "must be a positive number of seconds")
+        for name in ("stabilization_up_s", "stabilization_down_s", "flip_time_s", "drain_s", "cold_start_s"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ModelInputError(name, v, "must be a non-negative number of seconds")
+        if not (0 <= self.tolerance < 1):
+            raise ModelInputError("tolerance", self.tolerance, "must be in [0, 1)")
+        for lo, hi in (("min_prefill", "max_prefill"), ("min_decode", "max_decode")):
+            a, b = getattr(self, lo), getattr(self, hi)
+            if a < 1:
+                raise ModelInputError(lo, a, "every pool keeps at least one instance")
+            if b < a:
+                raise ModelInputError(hi, b, f"must be >= {lo}={a}")
+        if self.max_flips_in_flight < 0 or self.max_flips_per_hour < 0 or self.max_scale_step < 1:
+            raise ModelInputError("max_flips_in_flight", self.max_flips_in_flight, "limits must be non-negative (scale step >= 1)")
+        if self.mode is Mode.FIXED and self.gpus is None:
+            raise ModelInputError("gpus", None, "fixed-budget mode needs a GPU budget")
+        c_lo, c_hi = self.calibration_bounds
+        if not (0 < c_lo <= 1 <= c_hi):
+            raise ModelInputError("calibration_bounds", self.calibration_bounds, "need 0 < low <= 1 <= high")
+
+    @property
+    def lead_s(self) -> float:
+        """Time an action needs to take effect: a flip (fixed budget) or a cold start (elastic)."""
+        return self.flip_lead_s if self.mode is Mode.FIXED else self.cold_start_s
+
+    @property
+    def flip_lead_s(self) -> float:
+        return self.drain_s + self.flip_time_s
+
+    @property
+    def history_s(self) -> float:
+        return max(self.window_s, self.stabilization_up_s, self.stabilization_down_s)
+
+
+@dataclass(frozen=True)
+class ControlSpec:
+    """Everything a tick needs besides state and observations: objectives, hardware, parameters."""
+
+    objectives: Objectives
+    hardware: Hardware
+    params: ControlParams = ControlParams()
+
+    def budget_instances(self) -> int | None:
+        """Fixed mode: instances the GPU budget holds (equal GPUs per instance assumed per pool)."""
+        if self.params.gpus is None:
+            return None
+        prof = self.hardware.profile
+        per = max(prof.prefill_gpus_per_instance, prof.decode_gpus_per_instance)
+        return self.params.gpus // per

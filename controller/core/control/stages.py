@@ -1,0 +1,91 @@
+"""The policy stages, each a small pure function (after Kubernetes HPA's staged normalization).
+
+model target -> tolerance band -> stabilization windows -> bounds -> rate limits -> choice of action.
+"""
+
+from __future__ import annotations
+
+import math
+
+from controller.core.control.types import Reason
+
+Recs = tuple[tuple[float, int], ...]
+
+
+def tolerance_band(current: int, exact: float, tolerance: float) -> tuple[int, Reason | None]:
+    """Keep `current` while |exact/current - 1| <= tolerance; else the ceiling of the exact need."""
+    want = max(1, math.ceil(exact - 1e-9))
+    if current > 0 and abs(exact / current - 1.0) <= tolerance:
+        return current, (Reason.WITHIN_TOLERANCE if want != current else None)
+    return want, None
+
+
+def record(recs: Recs, now: float, n: int, keep_s: float, current: int | None = None) -> Recs:
+    """Append a timestamped recommendation and drop those older than keep_s.
+
+    The first recommendation is preceded by one for `current` (as HPA seeds its
+    history with the current count), so a fresh controller cannot scale down
+    before a full down window of its own recommendations agrees.
+    """
+    if not recs and current is not None and current != n:
+        recs = ((now, current),)
+    return (*tuple(r for r in recs if r[0] >= now - keep_s), (now, n))
+
+
+def stabilize(recs: Recs, now: float, current: int, up_s: float, down_s: float) -> tuple[int, Reason | None]:
+    """HPA stabilization on time: up to the window minimum, down to the window maximum.
+
+    A rise happens only when every recommendation within `up_s` asks for more
+    (fast up: `up_s` is short); a fall only as far as the largest
+    recommendation within `down_s` (slow down: `down_s` is long).
+    `recs` must include the latest recommendation.
+    """
+    if not recs:
+        return current, None
+    latest = recs[-1][1]
+    ups = [n for t, n in recs if t >= now - up_s] or [latest]
+    downs = [n for t, n in recs if t >= now - down_s] or [latest]
+    out = current
+    up_rec, down_rec = min(ups), max(downs)
+    if out < up_rec:
+        out = up_rec
+    if out > down_rec:
+        out = down_rec
+    return out, (Reason.STABILIZING if out != latest else None)
+
+
+def bounds(n: int, lo: int, hi: int) -> tuple[int, Reason | None]:
+    """Clamp to [lo, hi]; never below one instance per pool."""
+    lo = max(1, lo)
+    if n < lo:
+        return lo, Reason.AT_BOUND
+    if n > hi:
+        return hi, Reason.AT_BOUND
+    return n, None
+
+
+def flips_allowed(
+    in_flight: int, flip_times: tuple[float, ...], now: float, max_in_flight: int, max_per_hour: int
+) -> int:
+    """How many flips may start now: in-flight cap and a sliding one-hour budget."""
+    recent = sum(1 for t in flip_times if t > now - 3600.0)
+    return max(0, min(max_in_flight - in_flight, max_per_hour - recent))
+
+
+def best_split(p_exact: float, d_exact: float, total: int, p_lo: int, p_hi: int, d_lo: int, d_hi: int, current_p: int) -> int:
+    """Fixed budget: the prefill count p (decode = total - p) maximizing min(p/P*, d/D*).
+
+    Ties prefer the split closest to the current one (no flip for nothing).
+    """
+    lo = max(max(1, p_lo), total - d_hi)
+    hi = min(p_hi, total - max(1, d_lo))
+    if hi < lo:
+        return min(max(current_p, 1), max(total - 1, 1))
+    best, best_key = lo, (-math.inf, 0.0)
+    for p in range(lo, hi + 1):
+        d = total - p
+        cover = min(p / p_exact if p_exact > 0 else math.inf, d / d_exact if d_exact > 0 else math.inf)
+        key = (round(cover, 9), -abs(p - current_p))
+        if key > best_key:
+            best, best_key = p, key
+    return best

@@ -1,0 +1,374 @@
+"""One control tick: (state, observations, spec, now) -> (actions, new state, diagnostics).
+
+Pure: no clock is read, nothing is mutated; the same function runs live in
+the sidecar, inside the simulator on virtual time, and in tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from controller.core.control import stages
+from controller.core.control.calibration import CalibrationState, update_decode, update_prefill
+from controller.core.control.estimators import EventWindow, estimate, input_quantiles, thinned
+from controller.core.control.forecast import ForecastState, forecast, update
+from controller.core.control.model import Shape, model_target, sticky_shape, workload_shape
+from controller.core.control.params import ControlSpec, Mode
+from controller.core.control.types import (
+    Action,
+    ActionKind,
+    Decision,
+    Diagnostics,
+    Estimates,
+    FleetView,
+    Forecast,
+    ModelTarget,
+    Observations,
+    Reason,
+    Role,
+)
+from controller.core.errors import InfeasibleError, ModelInputError
+from controller.core.prefill import service_time
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    start_s: float
+    last_tick_s: float | None = None
+    window: EventWindow = field(default_factory=EventWindow.empty)
+    in_flight: tuple[tuple[float, int], ...] = ()
+    forecaster: ForecastState = field(default_factory=ForecastState)
+    calibration: CalibrationState = field(default_factory=CalibrationState)
+    recs_prefill: stages.Recs = ()
+    recs_decode: stages.Recs = ()
+    recs_split: stages.Recs = ()
+    flip_times: tuple[float, ...] = ()
+    last_flip_dir: int = 0  # +1 toward prefill, -1 toward decode
+    last_flip_s: float = -math.inf
+    last_change_s: float = -math.inf  # last time the fleet's membership changed (for calibration)
+    last_estimates: Estimates | None = None
+    shape: Shape | None = None  # workload shape the capacity was last computed for (sticky)
+    ticks: int = 0
+
+
+@dataclass(frozen=True)
+class TickResult:
+    actions: tuple[Action, ...]
+    state: ControllerState
+    diagnostics: Diagnostics
+
+
+ResultFn = Callable[[list[Action], ControllerState, ModelTarget | None, int | None, int | None], TickResult]
+
+
+def initial_state(cfg: ControlSpec, now: float) -> ControllerState:
+    return ControllerState(start_s=now)
+
+
+def _trim_in_flight(hist: tuple[tuple[float, int], ...], keep_from: float) -> tuple[tuple[float, int], ...]:
+    # keep the newest sample at or before keep_from, so the window start always has a value
+    idx = 0
+    for i, (t, _) in enumerate(hist):
+        if t <= keep_from:
+            idx = i
+    return hist[idx:]
+
+
+def _thin(est: Estimates, cfg: ControlSpec) -> str | None:
+    p = cfg.params
+    if est.window_covered_s < 0.5 * p.window_s:
+        return f"window covers {est.window_covered_s:.0f}s of {p.window_s:.0f}s"
+    if est.samples < p.min_samples:
+        return f"{est.samples} samples < min_samples={p.min_samples}"
+    if est.newest_age_s > p.max_age_s:
+        return f"newest sample {est.newest_age_s:.0f}s old > max_age_s={p.max_age_s:.0f}"
+    return None
+
+
+def _calibrate(
+    st: CalibrationState, win: EventWindow, est: Estimates, obs: Observations, cfg: ControlSpec,
+    samples: tuple[float, ...], now: float, stable: bool,
+) -> CalibrationState:
+    p = cfg.params
+    fleet = obs.fleet
+    t0 = now - p.window_s
+    w = win.since(t0)
+    if stable and len(w) >= p.min_samples and fleet.serving_prefill > 0 and samples:
+        svc = service_time(cfg.hardware.profile.prefill, samples, est.cache_hit_rate)
+        svc = cfg.hardware.queueing.group_service(svc)
+        per_q = est.arrival_rate_rps / fleet.serving_prefill / cfg.hardware.queueing.dp_groups
+        observed = float(np.mean(w.ttft_s)) - cfg.objectives.overhead_s
+        if per_q > 0 and observed > 0:
+            st = update_prefill(st, per_q, svc, observed, p)
+    curve = cfg.hardware.profile.decode_curve
+    b, t = obs.stats.decode_running_mean, obs.stats.decode_tpot_ms_mean
+    if curve is not None and b is not None and t is not None and b >= 1 and not math.isnan(est.input_len_mean):
+        prof_t = curve.tpot_ms_at(b, est.input_len_mean + est.output_len_mean / 2.0)
+        st = update_decode(st, prof_t, t, p)
+    return st
+
+
+def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float) -> TickResult:
+    p = cfg.params
+    fleet: FleetView = obs.fleet
+    decisions: list[Decision] = []
+
+    # --- observe -------------------------------------------------------------------------
+    window = state.window.extended(obs.events, now, p.window_s)
+    hist = state.in_flight
+    if obs.stats.in_flight is not None:
+        hist = _trim_in_flight((*hist, (now, int(obs.stats.in_flight))), now - p.window_s)
+    lag = float(np.quantile(thinned(window.done_s - window.arrival_s), 0.9)) if len(window) else 0.0
+    est = estimate(window, now, state.start_s, p.window_s, hist, state.last_estimates,
+                   p.burst_bin_s, p.burst_quantile, min(lag, p.window_s / 2))
+    thin = _thin(est, cfg)
+    good = state.last_estimates
+    if thin is not None and good is not None:
+        # a handful of samples says little about lengths: size with the last well-sampled ones
+        est = replace(
+            est, input_len_mean=good.input_len_mean, input_len_m2=good.input_len_m2,
+            input_len_p50=good.input_len_p50, input_len_p90=good.input_len_p90,
+            output_len_mean=good.output_len_mean, output_len_p90=good.output_len_p90,
+            cache_hit_rate=good.cache_hit_rate, lengths_from_history=True,
+        )
+    have_lengths = not math.isnan(est.input_len_mean)
+    fc_state = state.forecaster
+    if est.window_covered_s >= 0.5 * p.window_s:
+        fc_state = update(fc_state, est.arrival_rate_rps, now, p)
+    samples = input_quantiles(window, now - p.window_s) or (
+        (est.input_len_mean,) if have_lengths else ()
+    )
+    if thin is not None and good is not None and state.shape is not None:
+        samples = state.shape[3]
+    changed = state.last_change_s
+    stable = not fleet.transitions and now - changed >= p.window_s
+    calib = _calibrate(state.calibration, window, est, obs, cfg, samples, now, stable) if thin is None else state.calibration
+
+    horizon = p.flip_lead_s if p.mode is Mode.FIXED else p.cold_start_s
+    fc: Forecast = forecast(fc_state, now, horizon, p)
+
+    new_state = replace(
+        state, last_tick_s=now, window=window, in_flight=hist, forecaster=fc_state, calibration=calib,
+        last_estimates=est if thin is None else state.last_estimates, ticks=state.ticks + 1,
+    )
+    cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
+
+    def result(actions: list[Action], st: ControllerState, target: ModelTarget | None,
+               dp: int | None, dd: int | None) -> TickResult:
+        if not actions and not decisions:
+            decisions.append(Decision("fleet", Reason.STEADY))
+        tpmax = None
+        if have_lengths:
+            tpmax = cfg.hardware.profile.prefill.max_tps_at(max(est.input_len_mean * (1 - est.cache_hit_rate), 1.0))
+        diag = Diagnostics(now, est, fc, target, calib.view(tpmax), dp, dd, tuple(decisions))
+        return TickResult(tuple(actions), st, diag)
+
+    if not have_lengths or (thin is not None and good is None):
+        # nothing well-sampled yet (start-up): no action at all on a few seconds of data
+        decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin or "no completed requests yet"))
+        return result([], new_state, None, cur_p, cur_d)
+
+    # --- model target --------------------------------------------------------------------
+    shape = state.shape if (thin is not None and state.shape is not None) else sticky_shape(
+        state.shape, workload_shape(est.input_len_mean, est.output_len_mean, est.cache_hit_rate, samples))
+    new_state = replace(new_state, shape=shape)
+    try:
+        # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst
+        target = model_target(cfg, fc.max_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
+                              calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps))
+    except (InfeasibleError, ModelInputError) as e:
+        decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
+        return result([], new_state, None, cur_p, cur_d)
+    target = _observed_decode_need(target, obs)
+    if thin is not None:
+        decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin))
+
+    if p.mode is Mode.FIXED:
+        return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result)
+    return _tick_elastic(new_state, fleet, cfg, now, target, thin is not None, decisions, result)
+
+
+def _observed_decode_need(target: ModelTarget, obs: Observations) -> ModelTarget:
+    """Decode instances the *observed* running batch calls for (Little's law, measured).
+
+    The length estimates come from completed requests, which lag a shift to
+    longer outputs by one request lifetime (short requests complete first);
+    the decode pool's running batch does not lag. Need = (running + queued) /
+    target batch; the plan takes the larger of this and the model's need.
+    """
+    s = obs.stats
+    b = target.decode_batch_target
+    if s.decode_running_mean is None or b is None or b <= 0 or obs.fleet.serving_decode <= 0:
+        return target
+    running = s.decode_running_mean * obs.fleet.serving_decode + (s.decode_queued or 0)
+    need = running / b
+    if need <= target.n_decode_exact:
+        return replace(target, decode_observed_need=need)
+    return replace(target, n_decode_exact=need, n_decode=max(1, math.ceil(need - 1e-9)), decode_observed_need=need)
+
+
+def _pool_stages(
+    role: Role, cur: int, exact: float, recs: stages.Recs, thin: bool, cfg: ControlSpec, now: float,
+    decisions: list[Decision],
+) -> tuple[int, stages.Recs]:
+    p = cfg.params
+    lo, hi = (p.min_prefill, p.max_prefill) if role is Role.PREFILL else (p.min_decode, p.max_decode)
+    n, r = stages.tolerance_band(cur, exact, p.tolerance)
+    if r is not None:
+        decisions.append(Decision(role.value, r, f"need {exact:.2f}, have {cur}"))
+    if thin and n < cur:
+        n = cur  # never scale down on thin or stale data
+    recs = stages.record(recs, now, n, p.history_s, current=cur)
+    n2, r = stages.stabilize(recs, now, cur, p.stabilization_up_s, p.stabilization_down_s)
+    if r is not None:
+        decisions.append(Decision(role.value, Reason.STABILIZING, f"recommendation {n}, holding {n2}"))
+    n3, r = stages.bounds(n2, lo, hi)
+    if r is not None:
+        decisions.append(Decision(role.value, r, f"{n2} outside [{lo}, {hi}]"))
+    return n3, recs
+
+
+def _tick_elastic(
+    st: ControllerState, fleet: FleetView, cfg: ControlSpec, now: float, target: ModelTarget, thin: bool,
+    decisions: list[Decision], result: ResultFn,
+) -> TickResult:
+    p = cfg.params
+    cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
+    want_p, recs_p = _pool_stages(Role.PREFILL, cur_p, target.n_prefill_exact, st.recs_prefill, thin, cfg, now, decisions)
+    want_d, recs_d = _pool_stages(Role.DECODE, cur_d, target.n_decode_exact, st.recs_decode, thin, cfg, now, decisions)
+    st = replace(st, recs_prefill=recs_p, recs_decode=recs_d)
+    # instantaneous need (no stabilization): what a pool could give up right now
+    need_p = stages.bounds(target.n_prefill, p.min_prefill, p.max_prefill)[0]
+    need_d = stages.bounds(target.n_decode, p.min_decode, p.max_decode)[0]
+    dp, dd = want_p - cur_p, want_d - cur_d
+    actions: list[Action] = []
+    flips_ok = stages.flips_allowed(fleet.flips_in_flight, st.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
+    flip_faster = p.flip_lead_s < p.cold_start_s
+    flip_times = st.flip_times
+    last_dir, last_flip_s = st.last_flip_dir, st.last_flip_s
+    for role, short, other_cur, other_need, other_serving in (
+        (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode),
+        (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill),
+    ):
+        # a flip takes a serving instance, and leaves the other pool at or above its need
+        surplus = min(other_cur - other_need, other_serving - 1)
+        if short > 0 and surplus > 0 and flip_faster and not thin:
+            n = min(short, surplus)
+            if flips_ok < n:
+                decisions.append(Decision(role.value, Reason.RATE_LIMITED, f"{n} flips wanted, {flips_ok} allowed"))
+                n = flips_ok
+            if n > 0:
+                kind = ActionKind.FLIP_TO_PREFILL if role is Role.PREFILL else ActionKind.FLIP_TO_DECODE
+                reason = Reason.SLO_PREFILL_SHORT if role is Role.PREFILL else Reason.SLO_DECODE_SHORT
+                actions.append(Action(kind, n, reason))
+                decisions.append(Decision(role.value, reason, f"flip {n}: other pool has {surplus} spare"))
+                flips_ok -= n
+                flip_times = (*tuple(t for t in flip_times if t > now - 3600.0), *([now] * n))
+                last_dir = 1 if role is Role.PREFILL else -1
+                last_flip_s = now
+                # the giving pool is left at or above its need: it does not scale back up for the flip
+                if role is Role.PREFILL:
+                    dp -= n
+                    dd = min(dd + n, 0)
+                else:
+                    dd -= n
+                    dp = min(dp + n, 0)
+    # GPU cap on growth (elastic with a budget)
+    budget = cfg.budget_instances()
+    if budget is not None:
+        room = budget - fleet.allocated
+        for _ in range(2):
+            if dp > 0 and dp + max(dd, 0) > room:
+                take = max(0, min(dp, room - max(dd, 0)))
+                if take < dp:
+                    decisions.append(Decision("prefill", Reason.AT_BOUND, f"GPU budget {p.gpus}"))
+                dp = take
+            if dd > 0 and dd + max(dp, 0) > room:
+                take = max(0, min(dd, room - max(dp, 0)))
+                if take < dd:
+                    decisions.append(Decision("decode", Reason.AT_BOUND, f"GPU budget {p.gpus}"))
+                dd = take
+    for role, delta in ((Role.PREFILL, dp), (Role.DECODE, dd)):
+        if delta == 0:
+            continue
+        step = max(-p.max_scale_step, min(p.max_scale_step, delta))
+        if step != delta:
+            decisions.append(Decision(role.value, Reason.RATE_LIMITED, f"scale {delta} limited to {step}"))
+        kind = ActionKind.SCALE_PREFILL if role is Role.PREFILL else ActionKind.SCALE_DECODE
+        if step > 0:
+            reason = Reason.SLO_PREFILL_SHORT if role is Role.PREFILL else Reason.SLO_DECODE_SHORT
+        else:
+            reason = Reason.PREFILL_SURPLUS if role is Role.PREFILL else Reason.DECODE_SURPLUS
+        actions.append(Action(kind, step, reason))
+        decisions.append(Decision(role.value, reason, f"scale {step:+d}"))
+    if actions:
+        st = replace(st, last_change_s=now, flip_times=flip_times, last_flip_dir=last_dir, last_flip_s=last_flip_s)
+    return result(actions, st, target, cur_p + sum(a.count for a in actions if a.kind is ActionKind.SCALE_PREFILL)
+                  + sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_PREFILL)
+                  - sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_DECODE),
+                  cur_d + sum(a.count for a in actions if a.kind is ActionKind.SCALE_DECODE)
+                  + sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_DECODE)
+                  - sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_PREFILL))
+
+
+def _cover(pn: int, dn: int, pe: float, de: float) -> float:
+    return min(pn / pe if pe > 0 else math.inf, dn / de if de > 0 else math.inf)
+
+
+def _tick_fixed(
+    st: ControllerState, fleet: FleetView, cfg: ControlSpec, now: float, target: ModelTarget, thin: bool,
+    decisions: list[Decision], result: ResultFn,
+) -> TickResult:
+    p = cfg.params
+    cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
+    total = cur_p + cur_d
+    pe, de = target.n_prefill_exact, target.n_decode_exact
+    best = stages.best_split(pe, de, total, p.min_prefill, p.max_prefill, p.min_decode, p.max_decode, cur_p)
+    cover_cur, cover_best = _cover(cur_p, cur_d, pe, de), _cover(best, total - best, pe, de)
+    want = best
+    if thin:
+        decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, "no flips on thin data"))
+        want = cur_p
+    elif best != cur_p and (cover_cur >= 1.0 or cover_cur >= cover_best * (1.0 - p.tolerance)):
+        decisions.append(Decision("fleet", Reason.WITHIN_TOLERANCE,
+                                  f"cover {cover_cur:.2f} vs best {cover_best:.2f} at {best}P{total - best}D"))
+        want = cur_p
+    recs = stages.record(st.recs_split, now, want, p.history_s, current=cur_p)
+    direction = (want > cur_p) - (want < cur_p)
+    reversing = direction != 0 and direction == -st.last_flip_dir and now - st.last_flip_s < p.stabilization_down_s
+    # toward a short pool: fast (up window); undoing a recent flip: only if persistent (down window)
+    win = p.stabilization_down_s if reversing else p.stabilization_up_s
+    n, r = stages.stabilize(recs, now, cur_p, win, win)
+    if r is not None and want != cur_p:
+        decisions.append(Decision("fleet", Reason.STABILIZING, f"recommendation {want}P, holding {n}P"))
+    n, r = stages.bounds(n, max(p.min_prefill, total - p.max_decode), min(p.max_prefill, total - max(1, p.min_decode)))
+    if r is not None:
+        decisions.append(Decision("fleet", r, f"split bound {n}P"))
+    st = replace(st, recs_split=recs)
+    delta = n - cur_p
+    actions: list[Action] = []
+    if delta != 0:
+        ok = stages.flips_allowed(fleet.flips_in_flight, st.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
+        k = min(abs(delta), ok)
+        if k < abs(delta):
+            decisions.append(Decision("fleet", Reason.RATE_LIMITED, f"{abs(delta)} flips wanted, {ok} allowed"))
+        if k > 0:
+            if delta > 0:
+                reason = Reason.SLO_PREFILL_SHORT if cur_p < pe else Reason.REBALANCE
+                actions.append(Action(ActionKind.FLIP_TO_PREFILL, k, reason))
+            else:
+                reason = Reason.SLO_DECODE_SHORT if cur_d < de else Reason.REBALANCE
+                actions.append(Action(ActionKind.FLIP_TO_DECODE, k, reason))
+            decisions.append(Decision("fleet", reason, f"flip {k} toward {n}P{total - n}D"))
+            st = replace(
+                st, flip_times=(*tuple(t for t in st.flip_times if t > now - 3600.0), *([now] * k)),
+                last_flip_dir=1 if delta > 0 else -1, last_flip_s=now, last_change_s=now,
+            )
+            n = cur_p + (k if delta > 0 else -k)
+        else:
+            n = cur_p
+    return result(actions, st, target, n, total - n)
