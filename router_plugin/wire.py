@@ -10,7 +10,8 @@ Header  <2sBBHH16sQ : magic b"PD", schema version, flags (reserved, 0),
                       frame sequence number (per source; gaps = dropped frames)
 Record  <dIIIfffHBB : arrival time (unix s), input tokens, cached tokens,
                       output tokens, TTFT s, mean TPOT s, end-to-end s,
-                      HTTP status, endpoint code, flags (bit 0: streamed)
+                      HTTP status, endpoint code, flags (bit 0: streamed;
+                      bit 1: synthesized by the controller from worker counters, never on the wire)
 Unknown float fields (no first token on a failure, TPOT of a 1-token answer) are NaN.
 """
 
@@ -28,6 +29,7 @@ MAX_RECORDS_PER_FRAME = 4096
 ENDPOINTS = {"/generate": 1, "/v1/completions": 2, "/v1/chat/completions": 3}
 ENDPOINT_NAMES = {v: k for k, v in ENDPOINTS.items()} | {0: "other"}
 FLAG_STREAMED = 1
+FLAG_SYNTHETIC = 2
 
 
 @dataclass(frozen=True, slots=True)

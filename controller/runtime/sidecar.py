@@ -1,0 +1,258 @@
+"""The live sidecar, assembled: telemetry sources -> hub -> tick loop (pure core) -> API, metrics, actuator.
+
+Supervised tasks (each named, see Supervisor): `telemetry-zmq` (tap events),
+`telemetry-scrape` (router /engine_metrics and /metrics), `fleet` (router
+GET /workers, or the actuator's view), `tick` (the loop), `api` (aiohttp).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+from dataclasses import asdict, is_dataclass
+from typing import Any
+
+import structlog
+import zmq.asyncio
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from controller.config import Config, ConfigError
+from controller.core.control import ControlSpec, FleetView, Observations, WorkerStats, initial_state, tick
+from controller.core.control.types import Transition
+from controller.metrics import ControllerMetrics
+from controller.planning import build_inputs, request_from
+from controller.runtime.actuation import ActuatorSink
+from controller.runtime.clock import Clock, SystemClock
+from controller.runtime.loop import Decide, TickLoop
+from controller.runtime.supervisor import Outcome, Supervisor
+from controller.telemetry.fleet import RouterFleet
+from controller.telemetry.hub import TelemetryHub
+from controller.telemetry.scrape import PrometheusScraper
+from controller.telemetry.zmq_source import ZmqSource
+
+
+def build_spec(cfg: Config) -> ControlSpec:
+    """Objectives and hardware exactly as `pd-controller plan` builds them, plus the control parameters."""
+    if cfg.hardware is None:
+        raise ConfigError("hardware: missing: `run` needs a profile (hardware.profile) or prefill_max_tps + decode_tps")
+    # the load is what the controller measures; a placeholder satisfies the plan request's validation
+    req = request_from(cfg, {"rate_rps": 1.0, "input_len": 1.0, "output_len": 1.0})
+    _, objectives, hardware = build_inputs(req)
+    return ControlSpec(objectives, hardware, cfg.control.to_params())
+
+
+def jsonable(x: Any) -> Any:
+    """Dataclasses, enums, tuples and numpy scalars -> JSON; NaN/inf -> null (JSON has neither)."""
+    if is_dataclass(x) and not isinstance(x, type):
+        return {k: jsonable(v) for k, v in asdict(x).items()}
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, str | bytes):
+        try:
+            x = x.item()
+        except (ValueError, TypeError):
+            return None
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, str | int | bool) or x is None:
+        return x
+    return str(x)
+
+
+class Sidecar:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        registry: CollectorRegistry,
+        clock: Clock | None = None,
+        advisory: bool = True,
+        actuator: Any = None,
+        decide: Decide | None = None,
+        listen: tuple[str, int] | None = None,
+        zmq_ctx: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = ControllerMetrics(registry)
+        t = cfg.telemetry
+        self.hub = TelemetryHub(max_pending=t.max_pending_events, metrics=self.metrics)
+        self.spec = build_spec(cfg) if decide is None else None
+        self.actuator = actuator
+        self.fleet = RouterFleet(t.router_url, self.hub, self.clock.now, interval_s=t.workers_interval_s,
+                                 timeout_s=t.scrape_timeout_s) if t.router_url else None
+        self.zmq = ZmqSource(t.zmq_endpoints, self.hub, self.clock.now, rcvhwm=t.rcvhwm, ctx=zmq_ctx) \
+            if t.zmq_endpoints else None
+        synth = t.synthesize_from_scrape if t.synthesize_from_scrape is not None else not t.zmq_endpoints
+        self.scraper = PrometheusScraper(
+            t.router_url, self.hub, self.clock.now, metrics_url=t.router_metrics_url,
+            interval_s=t.scrape_interval_s, timeout_s=t.scrape_timeout_s, synthesize=synth,
+            roles=self.fleet.roles if self.fleet else dict, metrics=self.metrics,
+        ) if t.router_url else None
+        self._actuator_fleet: FleetView | None = None
+        if decide is None:
+            spec = self.spec
+            assert spec is not None
+
+            def decide(state: Any, obs: Observations, now: float) -> Any:
+                return tick(state, obs, spec, now)
+
+            state: Any = initial_state(spec, self.clock.now())
+        else:
+            state = None
+        self.loop = TickLoop(
+            decide=decide, observe=self.observe, state=state, clock=self.clock,
+            period_s=cfg.control.tick_period_s, metrics=self.metrics,
+            sink=ActuatorSink(actuator) if actuator is not None else None, advisory=advisory,
+            extra_log=self._log_fields, guard=lambda: None if self.fleet_known else "fleet_unknown",
+        )
+        self.listen = listen or (cfg.api.host, cfg.api.port)
+        self.token = cfg.api.token or os.environ.get(cfg.api.token_env) or None
+        self.supervisor = Supervisor()
+        self.runner: web.AppRunner | None = None
+        self.api_port: int | None = None
+        self.fleet_known = False
+
+    # -- observations ------------------------------------------------------------------------
+
+    def current_fleet(self) -> FleetView | None:
+        if self.actuator is not None:
+            return self._actuator_fleet
+        return self.fleet.view() if self.fleet is not None else None
+
+    def observe(self, now: float) -> Observations:
+        events = self.hub.drain()
+        fleet = self.current_fleet()
+        self.fleet_known = fleet is not None
+        if fleet is None:
+            # unknown fleet: decide as if one instance per pool; actions are not applied (TickLoop.guard)
+            fleet = FleetView(1, 1)
+        stats = self.scraper.latest.stats if self.scraper is not None and self.scraper.latest else WorkerStats()
+        age = self.telemetry_age(now)
+        if age is not None:
+            self.metrics.telemetry_age.set(age)
+        return Observations(events=events, fleet=fleet, stats=stats)
+
+    def telemetry_age(self, now: float) -> float | None:
+        times = [t for t in (self.hub.last_event_s, self.scraper.last_ok_s if self.scraper else None) if t is not None]
+        return now - max(times) if times else None
+
+    def ready(self) -> tuple[bool, str]:
+        age = self.telemetry_age(self.clock.now())
+        if age is None:
+            return False, "no telemetry yet"
+        if age > self.cfg.telemetry.fresh_s:
+            return False, f"telemetry is {age:.1f}s old > fresh_s={self.cfg.telemetry.fresh_s}"
+        return True, "telemetry fresh"
+
+    def _log_fields(self) -> dict[str, Any]:
+        return {"dropped": sum(self.hub.dropped_total.values()), "fleet_known": self.fleet_known}
+
+    # -- state for the API -------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        d = self.loop.last_diagnostics
+        fleet = self.current_fleet()
+        telemetry = self.hub.snapshot()
+        events_by_source = dict(self.hub.events_total)
+        now = self.clock.now()
+        out: dict[str, Any] = jsonable({
+            "mode": self.loop.mode,
+            "paused": self.loop.paused,
+            "advisory_flag": self.loop.advisory,
+            "actuator": getattr(self.actuator, "name", None),
+            "tick": self.loop.ticks,
+            "tick_errors": self.loop.errors,
+            "last_tick_s": self.loop.last_tick_s,
+            "estimates": d.estimates if d else None,
+            "forecast": d.forecast if d else None,
+            "fleet": {
+                "known": fleet is not None,
+                "prefill": fleet.serving_prefill if fleet else None,
+                "decode": fleet.serving_decode if fleet else None,
+                "workers": self.fleet.snapshot() if self.fleet else [],
+                "worker_metrics": self.scraper.latest.per_worker if self.scraper and self.scraper.latest else {},
+            },
+            "target": {
+                "prefill": d.desired_prefill if d else None,
+                "decode": d.desired_decode if d else None,
+                "model": d.target if d else None,
+            },
+            "calibration": d.calibration if d else None,
+            "observed": {"ttft_s": self.loop.observed_ttft_s, "tpot_s": self.loop.observed_tpot_s},
+            "actions": [{"kind": a.kind.value, "count": a.count, "reason": a.reason.value} for a in self.loop.last_actions],
+            "decisions": [r.as_dict() for r in list(self.loop.history)[-20:]],
+            "telemetry": {
+                "events_total": sum(events_by_source.values()),
+                "events_by_source": events_by_source,
+                "dropped_total": telemetry["dropped_total"],
+                "frames_lost": telemetry["frames_lost"],
+                "pending": telemetry["pending"],
+                "age_s": self.telemetry_age(now),
+                "sources": {
+                    "zmq": list(self.zmq.endpoints) if self.zmq else [],
+                    "scrape": self.scraper.engine_url if self.scraper else None,
+                },
+            },
+        })
+        return out
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _actuator_fleet_task(self) -> None:
+        while True:
+            f = await self.actuator.fleet()
+            self._actuator_fleet = FleetView(
+                f.count("prefill"), f.count("decode"),
+                tuple(Transition(None) for _ in f.flips_in_flight),
+            )
+            await asyncio.sleep(self.cfg.telemetry.workers_interval_s)
+
+    async def start_api(self) -> int:
+        from controller.api.app import build_app
+
+        self.runner = web.AppRunner(build_app(self), access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.listen[0], self.listen[1])
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.api_port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        return self.api_port
+
+    async def stop_api(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+            self.runner = None
+
+    async def _serve_forever(self) -> None:
+        await asyncio.Event().wait()
+
+    async def run(self, *, signals: bool = True) -> Outcome:
+        sup = self.supervisor
+        if self.zmq is not None:
+            sup.add("telemetry-zmq", self.zmq.run)
+        if self.scraper is not None:
+            sup.add("telemetry-scrape", self.scraper.run)
+        if self.actuator is not None:
+            sup.add("fleet", self._actuator_fleet_task)
+        elif self.fleet is not None:
+            sup.add("fleet", self.fleet.run)
+        sup.add("tick", self.loop.run)
+        port = await self.start_api()
+        structlog.get_logger("pd-controller").info("api_listening", host=self.listen[0], port=port)
+        sup.add("api", self._serve_forever)
+        if signals:
+            sup.install_signal_handlers()
+        try:
+            return await sup.run()
+        finally:
+            if signals:
+                sup.remove_signal_handlers()
+            await self.stop_api()
+            if self.actuator is not None and hasattr(self.actuator, "close"):
+                await self.actuator.close()
