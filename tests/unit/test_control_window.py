@@ -49,3 +49,22 @@ def test_thinned_keeps_small_arrays_and_bounds_large_ones() -> None:
     t = thinned(big)
     assert 8192 <= t.size < 2 * 8192
     assert abs(np.quantile(t, 0.9) - np.quantile(big, 0.9)) / np.quantile(big, 0.9) < 0.01
+
+
+def test_windows_are_values_even_when_a_state_is_extended_twice() -> None:
+    # the simulator and tests may branch from one state: the shared buffer must not leak between branches
+    base = EventWindow.empty().extended(_events([1.0, 2.0]), 10.0, 60.0)
+    a = base.extended(_events([5.0]), 20.0, 60.0)
+    b = base.extended(_events([6.0, 7.0]), 20.0, 60.0)
+    assert base.arrival_s.tolist() == [1.0, 2.0]
+    assert a.arrival_s.tolist() == [1.0, 2.0, 5.0]
+    assert b.arrival_s.tolist() == [1.0, 2.0, 6.0, 7.0]
+
+
+def test_memory_stays_bounded_by_the_window() -> None:
+    w = EventWindow.empty()
+    for tick in range(2000):
+        now = 5.0 * (tick + 1)
+        w = w.extended(_events(list(np.linspace(now - 5, now - 0.6, 50))), now, horizon_s=60.0)
+    assert len(w) <= 12 * 50 + 50
+    assert w.cols.data.shape[1] <= 4 * (12 * 50 + 50)

@@ -32,25 +32,71 @@ def thinned(x: FloatArray, cap: int = QUANTILE_SAMPLES) -> FloatArray:
     return x[::step] if step > 1 else x
 
 
+_COLUMNS = ("done_s", "arrival_s", "input_tokens", "cached_tokens", "output_tokens", "ttft_s", "tpot_s")
+
+
+class _Columns:
+    """Append-only storage shared by successive windows (a persistent-vector trick).
+
+    A window is a [start, stop) slice of the rows. Appending writes past `end`;
+    windows that end at `end` may extend in place (amortised O(new events)
+    instead of copying the whole window every tick). A window that ends
+    earlier (an older state extended a second time: a branch) copies instead,
+    so every EventWindow behaves as an immutable value.
+    """
+
+    __slots__ = ("data", "end")
+
+    def __init__(self, capacity: int) -> None:
+        self.data = np.empty((len(_COLUMNS), max(capacity, 1024)), dtype=np.float64)
+        self.end = 0
+
+
 @dataclass(frozen=True)
 class EventWindow:
     """Completed requests inside the estimator window, ordered by completion time."""
 
-    done_s: FloatArray
-    arrival_s: FloatArray
-    input_tokens: FloatArray
-    cached_tokens: FloatArray
-    output_tokens: FloatArray
-    ttft_s: FloatArray
-    tpot_s: FloatArray
+    cols: _Columns
+    start: int
+    stop: int
 
     @classmethod
     def empty(cls) -> EventWindow:
-        z = np.zeros(0, dtype=np.float64)
-        return cls(z, z, z, z, z, z, z)
+        return cls(_Columns(0), 0, 0)
+
+    def _col(self, k: int) -> FloatArray:
+        return self.cols.data[k, self.start : self.stop]
+
+    @property
+    def done_s(self) -> FloatArray:
+        return self._col(0)
+
+    @property
+    def arrival_s(self) -> FloatArray:
+        return self._col(1)
+
+    @property
+    def input_tokens(self) -> FloatArray:
+        return self._col(2)
+
+    @property
+    def cached_tokens(self) -> FloatArray:
+        return self._col(3)
+
+    @property
+    def output_tokens(self) -> FloatArray:
+        return self._col(4)
+
+    @property
+    def ttft_s(self) -> FloatArray:
+        return self._col(5)
+
+    @property
+    def tpot_s(self) -> FloatArray:
+        return self._col(6)
 
     def __len__(self) -> int:
-        return int(self.done_s.size)
+        return self.stop - self.start
 
     def extended(self, events: np.ndarray, now: float, horizon_s: float) -> EventWindow:
         """Append new events (ok status only) and drop those completed before now - horizon_s."""
@@ -59,34 +105,37 @@ class EventWindow:
         ok = events[events["status"] <= STATUS_OK_MAX] if events.size else events
         arr = ok["arrival_s"].astype(np.float64)
         done = arr + np.maximum(ok["e2e_s"].astype(np.float64), 0.0)
-        cols = [
-            (self.done_s, done),
-            (self.arrival_s, arr),
-            (self.input_tokens, ok["input_tokens"].astype(np.float64)),
-            (self.cached_tokens, ok["cached_tokens"].astype(np.float64)),
-            (self.output_tokens, ok["output_tokens"].astype(np.float64)),
-            (self.ttft_s, ok["ttft_s"].astype(np.float64)),
-            (self.tpot_s, ok["tpot_s"].astype(np.float64)),
-        ]
         cut = now - horizon_s
-        # the window is sorted by completion time: expiring old events is a slice, not a mask
-        first = int(np.searchsorted(self.done_s, cut, side="right"))
+        # sorted by completion time: expiring old events moves `start`, nothing is copied
+        first = self.start + int(np.searchsorted(self.done_s, cut, side="right"))
         fresh = done > cut
         order = np.argsort(done[fresh], kind="stable")
-        news = [b[fresh][order] for _, b in cols]
-        olds = [a[first:] for a, _ in cols]
-        if news[0].size == 0:
-            return EventWindow(*olds)
-        merged = [np.concatenate((a, b)) for a, b in zip(olds, news, strict=True)]
-        if olds[0].size and news[0][0] < olds[0][-1]:
+        new = np.stack([
+            done, arr, ok["input_tokens"].astype(np.float64), ok["cached_tokens"].astype(np.float64),
+            ok["output_tokens"].astype(np.float64), ok["ttft_s"].astype(np.float64), ok["tpot_s"].astype(np.float64),
+        ])[:, fresh][:, order]
+        k = new.shape[1]
+        if k == 0:
+            return EventWindow(self.cols, first, self.stop)
+        last_done = float(self.cols.data[0, self.stop - 1]) if self.stop > first else -math.inf
+        c = self.cols
+        in_order = new[0, 0] >= last_done
+        if in_order and c.end == self.stop and self.stop + k <= c.data.shape[1]:
+            c.data[:, self.stop : self.stop + k] = new  # the common case: append in place
+            c.end = self.stop + k
+            return EventWindow(c, first, self.stop + k)
+        rows = np.concatenate((c.data[:, first : self.stop], new), axis=1)
+        if not in_order:
             # late events from a slower source interleave with the window: full (stable) re-sort
-            order = np.argsort(merged[0], kind="stable")
-            merged = [m[order] for m in merged]
-        return EventWindow(*merged)
+            rows = rows[:, np.argsort(rows[0], kind="stable")]
+        fresh_cols = _Columns(2 * rows.shape[1])
+        fresh_cols.data[:, : rows.shape[1]] = rows
+        fresh_cols.end = rows.shape[1]
+        return EventWindow(fresh_cols, 0, rows.shape[1])
 
     def since(self, t0: float) -> EventWindow:
         i = int(np.searchsorted(self.done_s, t0, side="right"))
-        return EventWindow(*(a[i:] for a in self.arrays()))
+        return EventWindow(self.cols, self.start + i, self.stop)
 
     def arrays(self) -> tuple[FloatArray, ...]:
         return (
