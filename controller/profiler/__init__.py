@@ -1,0 +1,1 @@
+"""Measuring a live SGLang PD deployment: the source method's empirical step (see `measure`)."""
