@@ -73,6 +73,9 @@ class ControllerMetrics:
         )
         # loop
         self.ticks = Counter(f"{PREFIX}ticks", "Control ticks run, by result (ok, error).", ["result"], registry=r)
+        self.fleet_errors = Counter(
+            f"{PREFIX}fleet_errors", "Failed reads of the fleet from the actuator (router down, timeouts).", registry=r
+        )
         self.tick_duration = Histogram(
             f"{PREFIX}tick_duration_seconds", "Wall time of one control tick (decide, not actuate).", buckets=TICK_BUCKETS, registry=r
         )

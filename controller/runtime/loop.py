@@ -8,10 +8,19 @@ advisory mode (no actuator, `--advisory`, or paused through the API).
 
 A tick that raises is logged and counted (`pdctl_ticks_total{result="error"}`)
 and the state is kept: one bad tick must not take the sidecar down.
+
+Actuation runs in its own supervised task (`run_actuation`): a drained flip
+can take minutes (the drain waits for the longest stream), and the loop must
+keep observing and reporting meanwhile. A tick hands its actions over only
+when the actuation task is idle (`applied="submitted"`); otherwise the
+actions are recorded as `blocked:actuation_busy` and re-derived next tick
+from the fleet as it then is. Without a running actuation task (unit tests)
+the actions are applied inline.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -46,7 +55,7 @@ class DecisionRecord:
     reason: str
     detail: str
     actions: tuple[str, ...]
-    applied: str  # advisory | ok | failed | none
+    applied: str  # advisory | submitted | ok | failed | none | blocked:<why>
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +109,10 @@ class TickLoop:
         self.last_tick_s: float | None = None
         self.observed_ttft_s: float | None = None
         self.observed_tpot_s: float | None = None
+        self._submitted: asyncio.Queue[tuple[float, tuple[Action, ...]]] = asyncio.Queue(maxsize=1)
+        self._actuation_running = False
+        self.actuation_busy = False
+        self.last_outcomes: deque[dict[str, Any]] = deque(maxlen=50)
         if self.metrics is not None:
             self.metrics.paused.set(1 if self.acting is False else 0)
 
@@ -149,14 +162,15 @@ class TickLoop:
         blocked = self.guard() if result.actions and self.acting else None
         if blocked is not None:
             applied = f"blocked:{blocked}"
+        elif result.actions and self.acting and self._actuation_running:
+            if self.actuation_busy or self._submitted.full():
+                applied = "blocked:actuation_busy"
+            else:
+                self._submitted.put_nowait((now, tuple(result.actions)))
+                applied = "submitted"
         elif result.actions and self.acting:
-            assert self.sink is not None
-            try:
-                outcomes = await self.sink.apply(result.actions)
-                applied = "ok" if all(ok for _, ok, _ in outcomes) else "failed"
-            except Exception as e:  # an actuator bug must not stop the loop
-                applied = "failed"
-                outcomes = [(a, False, repr(e)) for a in result.actions]
+            outcomes = await self._apply(now, tuple(result.actions))
+            applied = "ok" if all(ok for _, ok, _ in outcomes) else "failed"
         elif not result.actions:
             applied = "none"
         try:
@@ -166,6 +180,38 @@ class TickLoop:
         except Exception as e:  # reporting must not stop the loop either
             self.log.error("tick_report_failed", tick=self.ticks, error=repr(e))
         return result
+
+    async def _apply(self, now: float, actions: tuple[Action, ...]) -> list[tuple[Action, bool, str]]:
+        assert self.sink is not None
+        try:
+            outcomes = await self.sink.apply(actions)
+        except Exception as e:  # an actuator bug must not stop the loop
+            outcomes = [(a, False, repr(e)) for a in actions]
+        for a, ok, detail in outcomes:
+            self.last_outcomes.append({"time_s": now, "action": f"{a.kind.value}:{a.count}:{a.reason.value}",
+                                       "ok": ok, "detail": detail})
+        return outcomes
+
+    async def run_actuation(self) -> None:
+        """The actuation task: apply submitted actions one batch at a time, then re-solve at once."""
+        self._actuation_running = True
+        try:
+            while True:
+                now, actions = await self._submitted.get()
+                self.actuation_busy = True
+                try:
+                    outcomes = await self._apply(now, actions)
+                finally:
+                    self.actuation_busy = False
+                if self.metrics is not None:
+                    for _, ok, _ in outcomes:
+                        self.metrics.actuations.labels(result="ok" if ok else "failed").inc()
+                self.log.info("actuation", submitted_at=now,
+                              results=[{"action": f"{a.kind.value}:{a.count}", "ok": ok, "detail": d}
+                                       for a, ok, d in outcomes])
+                self.waker.wake()  # the fleet changed: decide again now
+        finally:
+            self._actuation_running = False
 
     def _record(self, now: float, result: Any, applied: str) -> None:
         acts = tuple(f"{a.kind.value}:{a.count}:{a.reason.value}" for a in result.actions)

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from controller.config import Config, ConfigError
 from controller.core.control import ControlSpec, FleetView, Observations, WorkerStats, initial_state, tick
-from controller.core.control.types import Transition
+from controller.core.control.types import Role, Transition
 from controller.metrics import ControllerMetrics
 from controller.planning import build_inputs, request_from
 from controller.runtime.actuation import ActuatorSink
@@ -204,12 +204,25 @@ class Sidecar:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def _actuator_fleet_task(self) -> None:
+        log = structlog.get_logger("pd-controller")
         while True:
-            f = await self.actuator.fleet()
-            self._actuator_fleet = FleetView(
-                f.count("prefill"), f.count("decode"),
-                tuple(Transition(None) for _ in f.flips_in_flight),
-            )
+            try:
+                f = await self.actuator.fleet()
+            except Exception as e:
+                # the router may be restarting: the fleet becomes unknown (the loop then does not
+                # act, TickLoop.guard) and we try again; this task must not end the sidecar
+                self._actuator_fleet = None
+                self.metrics.fleet_errors.inc()
+                log.warning("fleet_unavailable", error=repr(e))
+            else:
+                flipping = set(f.flips_in_flight)
+                # a worker moving between pools counts toward its new pool (the core's FleetView.committed);
+                # one being drained for removal has no target role
+                moving = tuple(
+                    Transition(Role.DECODE if w.role == "prefill" else Role.PREFILL, kind="flip") if w.url in flipping else Transition(None, kind="stop")
+                    for w in f.workers if w.state in ("flipping", "draining")
+                )
+                self._actuator_fleet = FleetView(f.count("prefill"), f.count("decode"), moving)
             await asyncio.sleep(self.cfg.telemetry.workers_interval_s)
 
     async def start_api(self) -> int:
@@ -243,6 +256,8 @@ class Sidecar:
         elif self.fleet is not None:
             sup.add("fleet", self.fleet.run)
         sup.add("tick", self.loop.run)
+        if self.loop.sink is not None:
+            sup.add("actuation", self.loop.run_actuation)
         port = await self.start_api()
         structlog.get_logger("pd-controller").info("api_listening", host=self.listen[0], port=port)
         sup.add("api", self._serve_forever)
