@@ -24,7 +24,7 @@ import asyncio
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -96,6 +96,8 @@ class TickLoop:
     extra_log: Callable[[], dict[str, Any]] = dict
     # a reason not to act this tick (e.g. the fleet is unknown), or None
     guard: Callable[[], str | None] = lambda: None
+    # re-read the fleet after an actuation, before the next tick decides on it
+    after_apply: Callable[[], Awaitable[None]] | None = None
 
     def __post_init__(self) -> None:
         if not (self.period_s > 0 and math.isfinite(self.period_s)):
@@ -209,6 +211,8 @@ class TickLoop:
                 self.log.info("actuation", submitted_at=now,
                               results=[{"action": f"{a.kind.value}:{a.count}", "ok": ok, "detail": d}
                                        for a, ok, d in outcomes])
+                if self.after_apply is not None:
+                    await self.after_apply()
                 self.waker.wake()  # the fleet changed: decide again now
         finally:
             self._actuation_running = False

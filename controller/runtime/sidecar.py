@@ -203,26 +203,30 @@ class Sidecar:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    async def refresh_actuator_fleet(self) -> None:
+        """Read the fleet from the actuator once (also right after an actuation, so the next tick sees it)."""
+        try:
+            f = await self.actuator.fleet()
+        except Exception as e:
+            # the router may be restarting: the fleet becomes unknown (the loop then does not
+            # act, TickLoop.guard) and is read again later; this must not end the sidecar
+            self._actuator_fleet = None
+            self.metrics.fleet_errors.inc()
+            structlog.get_logger("pd-controller").warning("fleet_unavailable", error=repr(e))
+            return
+        flipping = set(f.flips_in_flight)
+        # a worker moving between pools counts toward its new pool (the core's FleetView.committed);
+        # one being drained for removal has no target role
+        moving = tuple(
+            Transition(Role.DECODE if w.role == "prefill" else Role.PREFILL, kind="flip")
+            if w.url in flipping else Transition(None, kind="stop")
+            for w in f.workers if w.state in ("flipping", "draining")
+        )
+        self._actuator_fleet = FleetView(f.count("prefill"), f.count("decode"), moving)
+
     async def _actuator_fleet_task(self) -> None:
-        log = structlog.get_logger("pd-controller")
         while True:
-            try:
-                f = await self.actuator.fleet()
-            except Exception as e:
-                # the router may be restarting: the fleet becomes unknown (the loop then does not
-                # act, TickLoop.guard) and we try again; this task must not end the sidecar
-                self._actuator_fleet = None
-                self.metrics.fleet_errors.inc()
-                log.warning("fleet_unavailable", error=repr(e))
-            else:
-                flipping = set(f.flips_in_flight)
-                # a worker moving between pools counts toward its new pool (the core's FleetView.committed);
-                # one being drained for removal has no target role
-                moving = tuple(
-                    Transition(Role.DECODE if w.role == "prefill" else Role.PREFILL, kind="flip") if w.url in flipping else Transition(None, kind="stop")
-                    for w in f.workers if w.state in ("flipping", "draining")
-                )
-                self._actuator_fleet = FleetView(f.count("prefill"), f.count("decode"), moving)
+            await self.refresh_actuator_fleet()
             await asyncio.sleep(self.cfg.telemetry.workers_interval_s)
 
     async def start_api(self) -> int:
@@ -257,6 +261,7 @@ class Sidecar:
             sup.add("fleet", self.fleet.run)
         sup.add("tick", self.loop.run)
         if self.loop.sink is not None:
+            self.loop.after_apply = self.refresh_actuator_fleet
             sup.add("actuation", self.loop.run_actuation)
         port = await self.start_api()
         structlog.get_logger("pd-controller").info("api_listening", host=self.listen[0], port=port)
