@@ -30,7 +30,7 @@ import yaml
 from controller.actuators.agent import AgentClient, CurveKeys
 from controller.actuators.errors import TransientError
 from controller.agent.keys import generate
-from controller.emulator.fleet import free_port
+from controller.emulator.fleet import free_port, terminate
 
 HOST = "127.0.0.1"
 
@@ -44,18 +44,6 @@ def _tail(path: Path, n: int = 1200) -> str:
         return path.read_text(errors="replace")[-n:]
     except OSError:
         return "(no log)"
-
-
-def terminate(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            proc.wait(timeout=grace_s)
 
 
 class AgentFleet:

@@ -200,7 +200,7 @@ class EmulatedFleet:
         try:
             w = self._await_worker(role, proc, log_path, time.monotonic() + self.startup_timeout_s)
         except BaseException:
-            _terminate(proc)
+            terminate(proc)
             raise
         self.extra.append(w)
         return w
@@ -209,7 +209,7 @@ class EmulatedFleet:
         return await asyncio.to_thread(self.start_worker_sync, role)
 
     def stop_worker_sync(self, w: WorkerProc) -> None:
-        _terminate(w.proc)
+        terminate(w.proc)
         for pool in (self.prefill, self.decode, self.extra):
             if w in pool:
                 pool.remove(w)
@@ -291,10 +291,10 @@ class EmulatedFleet:
 
     def stop_sync(self) -> None:
         if self._router is not None:
-            _terminate(self._router)
+            terminate(self._router)
             self._router = None
         for proc in self._procs:
-            _terminate(proc)
+            terminate(proc)
         self._procs = []
         self.prefill, self.decode, self.extra = [], [], []
         if self._tmp is not None:
@@ -342,7 +342,8 @@ def _die_with_parent() -> None:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def _terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+def terminate(proc: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """SIGTERM, wait up to grace_s, then SIGKILL; close its pipes. A process already gone is fine."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signal.SIGTERM)
