@@ -32,6 +32,10 @@ class WorkerMetrics:
         self.num_requests = Counter("sglang:num_requests", "Number of requests processed.", lab, registry=r)
         self.num_running = Gauge("sglang:num_running_reqs", "The number of running requests.", lab, registry=r)
         self.num_queue = Gauge("sglang:num_queue_reqs", "The number of requests in the waiting queue.", lab, registry=r)
+        self.transfer_queue = Gauge(
+            "sglang:num_decode_transfer_queue_reqs", "Decode requests waiting for their KV cache from prefill.",
+            lab, registry=r,
+        )
         self.num_used_tokens = Gauge("sglang:num_used_tokens", "The number of used tokens.", lab, registry=r)
         self.token_usage = Gauge("sglang:token_usage", "The token usage (fraction of KV cache).", lab, registry=r)
         self.gen_throughput = Gauge("sglang:gen_throughput", "The generation throughput (token/s).", lab, registry=r)

@@ -292,7 +292,14 @@ class EmulatedWorker:
         self._trim_window(now)
         gen_tps = len(self._gen_window) / 10.0
         cap = self.kv_capacity_tokens if math.isfinite(self.kv_capacity_tokens) else 0.0
+        transfer = 0
+        if self.role == "decode":
+            # SGLang's decode worker keeps requests still waiting for their prefill/KV in its
+            # prealloc/transfer queues, not in the waiting queue that num_queue_reqs reports
+            transfer = self.decode_pending
+            queued -= transfer
         self.metrics.set_gauges(running, queued, used, cap, gen_tps)
+        self.metrics.transfer_queue.labels(**self.metrics.labels).set(transfer)
         return web.Response(body=self.metrics.exposition(), content_type="text/plain", charset="utf-8",
                             headers={"X-Prometheus-Format": "0.0.4"})
 

@@ -61,6 +61,10 @@ async def test_decode_waits_for_its_room_and_role_switch_refused_while_busy(pair
     assert r.status == 400 and refused["success"] is False and "not idle" in refused["message"]
     assert refused["old_role"] == "decode"
     assert not pending.done()
+    # waiting for its KV is SGLang's transfer queue, not the decode waiting queue (num_queue_reqs)
+    fams = {f.name: f for f in text_string_to_metric_families(await (await s.get(f"{d.url}/metrics")).text())}
+    assert fams["sglang:num_decode_transfer_queue_reqs"].samples[0].value == 1
+    assert fams["sglang:num_queue_reqs"].samples[0].value == 0
     # now the prefill of room 7 runs; the decode finishes
     rp = await s.post(f"{p.url}/v1/completions", json=_pd(body, p, 7))
     assert rp.status == 200
