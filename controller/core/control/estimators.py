@@ -11,7 +11,7 @@ term restores the true arrival rate when the router exposes it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -200,20 +200,9 @@ def estimate(
     newest_age = now - float(w.done_s[-1]) if n else math.inf
     if n == 0:
         if previous is not None:
-            return Estimates(
-                arrival_rate_rps=rate,
-                input_len_mean=previous.input_len_mean,
-                input_len_m2=previous.input_len_m2,
-                input_len_p50=previous.input_len_p50,
-                input_len_p90=previous.input_len_p90,
-                output_len_mean=previous.output_len_mean,
-                output_len_p90=previous.output_len_p90,
-                cache_hit_rate=previous.cache_hit_rate,
-                samples=0,
-                window_covered_s=covered,
-                newest_age_s=newest_age,
-                lengths_from_history=True,
-            )
+            # lengths carried over from the last well-sampled window; the rate and confidence are this window's
+            return replace(previous, arrival_rate_rps=rate, samples=0, window_covered_s=covered,
+                           newest_age_s=newest_age, lengths_from_history=True, peak_rate_rps=0.0)
         return Estimates(rate, math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, 0.0, 0, covered, newest_age)
     inp = w.input_tokens
     # arrivals of the last lag_s have mostly not completed yet: leave them out of the burst bins
