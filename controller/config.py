@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from controller.core.errors import PdControllerError
@@ -246,6 +245,11 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
 
 
+def _short_repr(x: Any, limit: int = 80) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else f"{r[:limit]}... ({len(r)} chars)"
+
+
 def format_validation_error(err: ValidationError, origin: str) -> str:
     """One line per problem: `origin: slo.ttft_s=-1: Input should be greater than 0`."""
     parts = []
@@ -255,23 +259,24 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
         if e["type"] in ("missing",):
             parts.append(f"{origin}: {loc}: missing")
         elif "input" in e and e["type"] not in ("value_error",) and not isinstance(e["input"], dict):
-            parts.append(f"{origin}: {loc}={e['input']!r}: {msg}")
+            parts.append(f"{origin}: {loc}={_short_repr(e['input'])}: {msg}")
         else:
             parts.append(f"{origin}: {loc}: {msg}")
     return "; ".join(parts)
 
 
-def load_yaml(path: Path) -> Any:
+def load_yaml(path: Path | str) -> Any:
+    """Safe-load a YAML file with limits on size, depth and aliases (controller.safeyaml).
+
+    The one loader for configs, profiles and agent configs: a FIFO, a device,
+    a huge or non-UTF-8 file, malformed YAML and alias bombs are one-line ConfigErrors.
+    """
+    from controller.safeyaml import FileError, load_yaml_file
+
     try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} malformed YAML: {getattr(e, 'problem', e)}") from None
+        return load_yaml_file(path)
+    except FileError as e:
+        raise ConfigError(str(e)) from None
 
 
 def config_from_dict(raw: Any, origin: str = "config", base_dir: Path | None = None) -> Config:
