@@ -101,8 +101,6 @@ class ActuationConfig(_Section):
     spare_workers: list[str] = Field(
         default_factory=list, description="URLs of started, unregistered workers that scale-up may register"
     )
-    max_flips_in_flight: int = Field(1, ge=1, description="K: concurrent drained flips at most")
-    flip_budget_per_hour: int = Field(6, ge=0, description="flips started in any rolling hour, at most")
     min_pool_size: int = Field(1, ge=1, description="never take a pool below this many healthy workers")
     drain_timeout_s: float = Field(60.0, gt=0, description="wait this long for a removed worker to go idle")
     switch_timeout_s: float = Field(120.0, gt=0, description="wait this long for the switched worker to be healthy")
@@ -118,6 +116,17 @@ class ActuationConfig(_Section):
     k8s_prefill_workload: str | None = Field(None, description="kind/name, e.g. Deployment/sglang-prefill")
     k8s_decode_workload: str | None = Field(None, description="kind/name, e.g. LeaderWorkerSet/sglang-decode")
     k8s_role_label: str = Field("pd.sglang.io/role", description="pod label patched on a flip")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, raw: Any) -> Any:
+        # one flip budget: the control parameters (control.max_flips_in_flight, control.max_flips_per_hour)
+        moved = {"max_flips_in_flight": "control.max_flips_in_flight",
+                 "flip_budget_per_hour": "control.max_flips_per_hour"}
+        for old, new in moved.items():
+            if isinstance(raw, dict) and old in raw:
+                raise ValueError(f"actuation.{old}={raw[old]!r}: flip limits live in {new} (one budget, the core's)")
+        return raw
 
     @model_validator(mode="after")
     def _needs(self) -> ActuationConfig:

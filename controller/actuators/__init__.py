@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from controller.actuators.base import ActionResult, Actuator, FleetView, Role, WorkerView, other_role
+from controller.actuators.base import ActionResult, Actuator, FleetView, Outcome, Role, WorkerView, other_role
 from controller.actuators.errors import (
     ActuationError,
     AgentError,
@@ -32,6 +32,7 @@ __all__ = [
     "AgentError",
     "FleetView",
     "KubernetesError",
+    "Outcome",
     "Role",
     "RouterError",
     "TransientError",
@@ -91,8 +92,7 @@ def build_actuator(
     else:
         switcher = RoleSwitchEndpoint(workers, http, poll_interval_s=cfg.poll_interval_s, clock=clock,
                                       sleep=sleep)  # type: ignore[arg-type]
-    guard = FlipGuard(max_in_flight=cfg.max_flips_in_flight, budget_per_hour=cfg.flip_budget_per_hour,
-                      min_pool_size=cfg.min_pool_size)
+    guard = FlipGuard(min_pool_size=cfg.min_pool_size)
     flipper = DrainedFlipper(
         router, workers, switcher, guard, Journal(cfg.journal), metrics,
         timeouts=FlipTimeouts(cfg.drain_timeout_s, cfg.switch_timeout_s, cfg.register_timeout_s,

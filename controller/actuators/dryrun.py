@@ -1,10 +1,14 @@
-"""Advisory mode: reads the real fleet when it can, changes nothing, logs and counts what it would do."""
+"""Advisory mode: reads the real fleet when it can, changes nothing, logs and counts what it would do.
+
+Every answer is `ok=False, outcome=advised, why="dry_run"`: nothing was carried out, so the runtime
+neither counts it as a flip that started nor wakes itself to decide again (issue 13 item 4).
+"""
 
 from __future__ import annotations
 
 import structlog
 
-from controller.actuators.base import ActionResult, FleetView, Role
+from controller.actuators.base import ActionResult, FleetView, Outcome, Role
 from controller.actuators.metrics import ActuatorMetrics
 from controller.actuators.router import RouterClient
 
@@ -27,7 +31,8 @@ class DryRunActuator:
         return self.initial
 
     def _advise(self, op: str, target: str, what: str, reason: str) -> ActionResult:
-        res = ActionResult(op, target, ok=True, reason=reason, detail=f"dry-run: would {what}")
+        res = ActionResult(op, target, ok=False, reason=reason, detail=f"dry-run: would {what}",
+                           outcome=Outcome.ADVISED, why="dry_run")
         self.would.append(res)
         self.metrics.call(self.name, op, "advised")
         log.info("actuation_advice", op=op, target=target, would=what, reason=reason)

@@ -1,14 +1,16 @@
 """An in-memory actuator for tests of the runtime and policy: same Protocol, same safety rules, no I/O.
 
-It keeps a fleet, applies the `FlipGuard`, records every call, and can be
-told to fail the next flips (to test how the caller handles a rollback).
+It keeps a fleet, applies the `FlipGuard` (the hard safety rules only: rate
+limits are the core's), records every call, and can be told to fail the next
+flips (to test how the caller handles a rollback). Results carry the same
+honest `outcome` as the real actuators (done, refused, rolled_back).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from controller.actuators.base import ActionResult, FleetView, Role, WorkerView
+from controller.actuators.base import ActionResult, FleetView, Outcome, Role, WorkerView, refused
 from controller.actuators.flip import FlipGuard
 
 
@@ -23,7 +25,7 @@ class FakeActuator:
         ws += [WorkerView(f"http://fake-d{i}", "decode") for i in range(decode)]
         self.workers = {w.url: w for w in ws}
         self.spares = [f"http://fake-s{i}" for i in range(spares)]
-        self.guard = guard or FlipGuard(max_in_flight=1, budget_per_hour=1_000_000, min_pool_size=1)
+        self.guard = guard or FlipGuard(min_pool_size=1)
         self.calls: list[tuple[str, str, object, str]] = []
         self.fail_next: list[str] = []  # failure reasons to return for the next flips (rolled back)
         self.now = 0.0
@@ -33,12 +35,11 @@ class FakeActuator:
 
     async def flip(self, worker: str, to_role: Role, reason: str) -> ActionResult:
         self.calls.append(("flip", worker, to_role, reason))
-        why = self.guard.refusal(await self.fleet(), worker, to_role, {}, self.now)
+        why = self.guard.refusal(await self.fleet(), worker, to_role, {})
         if why is not None:
-            return ActionResult("flip", worker, ok=False, reason=reason, detail=f"refused: {why}")
-        self.guard.record_start(self.now)
+            return refused("flip", worker, reason, why)
         if self.fail_next:
-            return ActionResult("flip", worker, ok=False, reason=reason,
+            return ActionResult("flip", worker, ok=False, reason=reason, outcome=Outcome.ROLLED_BACK,
                                 detail=f"failed at switch: {self.fail_next.pop(0)}; rolled back")
         self.workers[worker] = dataclasses.replace(self.workers[worker], role=to_role)
         return ActionResult("flip", worker, ok=True, reason=reason, detail="done")
@@ -47,7 +48,7 @@ class FakeActuator:
         self.calls.append(("scale", pool, delta, reason))
         if delta > 0:
             if not self.spares:
-                return ActionResult("scale", pool, ok=False, reason=reason, detail="refused: no spare workers")
+                return refused("scale", pool, reason, "no_spare_workers", "refused: no spare workers")
             added = self.spares[:delta]
             del self.spares[:delta]
             for u in added:
@@ -56,7 +57,7 @@ class FakeActuator:
         members = [w for w in self.workers.values() if w.role == pool]
         room = len(members) - self.guard.min_pool_size
         if room <= 0:
-            return ActionResult("scale", pool, ok=False, reason=reason, detail="refused: last_instance_of_pool")
+            return refused("scale", pool, reason, "last_instance_of_pool")
         gone = members[: min(-delta, room)]
         for w in gone:
             del self.workers[w.url]

@@ -15,7 +15,7 @@ import dataclasses
 import structlog
 
 from controller.actuators.agent import AgentSwitcher
-from controller.actuators.base import ActionResult, FleetView, Role, WorkerView
+from controller.actuators.base import ActionResult, FleetView, Role, WorkerView, refused
 from controller.actuators.errors import ActuationError
 from controller.actuators.flip import DrainedFlipper, FlipGuard
 from controller.actuators.metrics import ActuatorMetrics
@@ -100,7 +100,7 @@ class RouterActuator:
         listed = {w.url for w in await self.router.workers()}
         free = [s for s in self.spares if s not in listed and s not in self.flipper.in_flight]
         if not free:
-            return ActionResult("scale", pool, ok=False, reason=reason, detail="refused: no spare workers")
+            return refused("scale", pool, reason, "no_spare_workers", "refused: no spare workers")
         done = []
         for url in free[:n]:
             if self.agents is not None:
@@ -118,7 +118,7 @@ class RouterActuator:
         serving = sorted(fleet.pool(pool), key=lambda w: w.load)  # drain the least loaded first
         room = len(serving) - self.guard.min_pool_size
         if room <= 0:
-            return ActionResult("scale", pool, ok=False, reason=reason, detail="refused: last_instance_of_pool")
+            return refused("scale", pool, reason, "last_instance_of_pool")
         done = []
         for w in serving[: min(n, room)]:
             try:

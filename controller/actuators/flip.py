@@ -13,10 +13,10 @@ Rollback restores the last good state: the worker serving its old role in
 the old pool. If that is impossible (the worker is down), it is left out of
 the router — never registered while broken — and the result says why.
 
-Safety rules (`FlipGuard`), checked before anything is touched: never take a
-pool below `min_pool_size` healthy serving workers (counting flips already
-in flight out of it), at most K flips in flight, at most `budget` flips
-started in any rolling hour.
+Safety rules (`FlipGuard`), checked before anything is touched: one flip per
+worker at a time, never take a pool below `min_pool_size` healthy serving
+workers (counting flips already in flight out of it). Rate limits are the
+control parameters' (one owner), not the actuator's.
 """
 
 from __future__ import annotations
@@ -25,15 +25,14 @@ import asyncio
 import contextlib
 import json
 import os
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
 import structlog
 
-from controller.actuators.base import ActionResult, FleetView, Role, check_role, other_role
+from controller.actuators.base import ActionResult, FleetView, Role, check_role, other_role, refused
 from controller.actuators.errors import ActuationError
 from controller.actuators.metrics import ActuatorMetrics
 from controller.actuators.router import RouterClient
@@ -109,37 +108,39 @@ class Journal:
 
 
 class FlipGuard:
-    """The safety rules, as a pure check of the fleet view, the flips in flight and the time."""
+    """The hard safety rules, as a pure check of the fleet view and the flips in flight.
 
-    def __init__(self, *, max_in_flight: int, budget_per_hour: int, min_pool_size: int) -> None:
-        self.max_in_flight = max_in_flight
-        self.budget_per_hour = budget_per_hour
+    Only rules that protect the fleet whatever the controller decides: one flip per worker at a time,
+    never a worker the fleet does not list healthy, never take a pool below `min_pool_size` healthy
+    serving workers (counting flips already leaving it). How many flips may run at once and per hour
+    is a control decision with one owner: the control parameters (`control.max_flips_in_flight`,
+    `control.max_flips_per_hour`, controller.core.control.params), applied by the core to the flips
+    observed to start. The actuator keeps no budget of its own.
+    """
+
+    def __init__(self, *, min_pool_size: int = 1) -> None:
+        if min_pool_size < 1:
+            raise ValueError(f"min_pool_size={min_pool_size!r}: every pool keeps at least one worker")
         self.min_pool_size = min_pool_size
-        self.started: deque[float] = deque()
 
-    def refusal(self, fleet: FleetView, worker: str, to_role: Role, in_flight: dict[str, FlipRecord], now: float) -> str | None:
-        while self.started and self.started[0] <= now - 3600.0:
-            self.started.popleft()
+    def refusal(self, fleet: FleetView, worker: str, to_role: Role, in_flight: Mapping[str, FlipRecord],
+                busy: Collection[str] = ()) -> str | None:
+        """None when the flip may start, else a short reason (a metric label)."""
         if worker in in_flight:
             return "already_flipping"
+        if worker in busy:
+            return "worker_repairing"
         w = fleet.by_url().get(worker)
         if w is None:
             return "unknown_worker"
         if w.role == to_role:
             return "already_in_role"
-        if not w.healthy:
+        if not w.healthy or w.state != "serving":
             return "worker_unhealthy"
-        if len(in_flight) >= self.max_in_flight:
-            return "max_in_flight"
-        if len(self.started) >= self.budget_per_hour:
-            return "hourly_budget_spent"
         leaving = sum(1 for r in in_flight.values() if r.from_role == w.role)
         if fleet.count(w.role) - leaving - 1 < self.min_pool_size:
             return "last_instance_of_pool"
         return None
-
-    def record_start(self, now: float) -> None:
-        self.started.append(now)
 
 
 @dataclass
@@ -198,13 +199,12 @@ class DrainedFlipper:
         worker = worker.rstrip("/")
         t0 = self.clock()
         fleet = await self.router.fleet()
-        why = self.guard.refusal(fleet, worker, to_role, self.in_flight, t0)
+        why = self.guard.refusal(fleet, worker, to_role, self.in_flight)
         if why is not None:
             self.metrics.flips.labels("refused", to_role).inc()
             log.info("flip_refused", worker=worker, to_role=to_role, why=why, reason=reason)
-            return ActionResult("flip", worker, ok=False, reason=reason, detail=f"refused: {why}")
+            return refused("flip", worker, reason, why)
         w = fleet.by_url()[worker]
-        self.guard.record_start(t0)
         rec = FlipRecord(worker, w.role, to_role, reason, t0, bootstrap_port=w.bootstrap_port)
         self.metrics.in_flight.set(len(self.in_flight) + 1)
         try:

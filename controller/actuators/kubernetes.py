@@ -29,7 +29,7 @@ from typing import Any
 
 import structlog
 
-from controller.actuators.base import ActionResult, FleetView, Role, WorkerView
+from controller.actuators.base import ActionResult, FleetView, Outcome, Role, WorkerView, other_role, refused
 from controller.actuators.errors import ActuationError, KubernetesError, TransientError
 from controller.actuators.flip import FlipGuard, FlipRecord
 from controller.actuators.http import Http
@@ -93,8 +93,7 @@ class KubernetesActuator:
         self.workers = WorkerClient(self.http, Retrier("worker", metrics, retries=cfg.retries,
                                                        initial_s=cfg.backoff_initial_s, max_s=cfg.backoff_max_s))
         self.switcher = RoleSwitchEndpoint(self.workers, self.http, poll_interval_s=cfg.poll_interval_s, clock=clock)
-        self.guard = FlipGuard(max_in_flight=cfg.max_flips_in_flight, budget_per_hour=cfg.flip_budget_per_hour,
-                               min_pool_size=cfg.min_pool_size)
+        self.guard = FlipGuard(min_pool_size=cfg.min_pool_size)
         self.in_flight: dict[str, FlipRecord] = {}
         self.router = router
         self._kubeconfig_pending = False
@@ -178,12 +177,11 @@ class KubernetesActuator:
     async def flip(self, worker: str, to_role: Role, reason: str) -> ActionResult:
         url = worker.rstrip("/")
         now = self.clock()
-        why = self.guard.refusal(await self.fleet(), url, to_role, self.in_flight, now)
+        why = self.guard.refusal(await self.fleet(), url, to_role, self.in_flight)
         if why is not None:
             self.metrics.flips.labels("refused", to_role).inc()
-            return ActionResult("flip", url, ok=False, reason=reason, detail=f"refused: {why}")
-        self.guard.record_start(now)
-        from_role: Role = "decode" if to_role == "prefill" else "prefill"
+            return refused("flip", url, reason, why)
+        from_role = other_role(to_role)
         rec = FlipRecord(url, from_role, to_role, reason, now)
         self.in_flight[url] = rec
         steps: list[str] = []
@@ -212,28 +210,27 @@ class KubernetesActuator:
                 except ActuationError as e2:
                     self.metrics.flips.labels("failed", to_role).inc()
                     return ActionResult("flip", url, ok=False, reason=reason, steps=tuple(steps),
-                                        detail=f"{e}; rollback failed: {e2}")
+                                        detail=f"{e}; rollback failed: {e2}", outcome=Outcome.FAILED)
                 self.metrics.flips.labels("rolled_back", to_role).inc()
                 return ActionResult("flip", url, ok=False, reason=reason, steps=tuple(steps),
-                                    detail=f"{e}; rolled back to {from_role}")
+                                    detail=f"{e}; rolled back to {from_role}", outcome=Outcome.ROLLED_BACK)
             self.metrics.flips.labels("failed", to_role).inc()
             return ActionResult("flip", url, ok=False, reason=reason, steps=tuple(steps),
-                                detail=f"{e}; pod left labelled {DRAINING} (serves {role})")
+                                detail=f"{e}; pod left labelled {DRAINING} (serves {role})", outcome=Outcome.FAILED)
         finally:
             self.in_flight.pop(url, None)
 
     async def scale(self, pool: Role, delta: int, reason: str) -> ActionResult:
         wl = self.workloads[pool]
         if wl is None:
-            return ActionResult("scale", pool, ok=False, reason=reason,
-                                detail=f"refused: no k8s_{pool}_workload configured")
+            return refused("scale", pool, reason, "no_workload", f"refused: no k8s_{pool}_workload configured")
         kind, name = wl
         try:
             current = await self._get_replicas(kind, name)
             want = max(self.cfg.min_pool_size, current + delta)
             if want == current:
-                res = ActionResult("scale", pool, ok=False, reason=reason,
-                                   detail=f"refused: last_instance_of_pool ({kind}/{name} at {current})")
+                res = refused("scale", pool, reason, "last_instance_of_pool",
+                              f"refused: last_instance_of_pool ({kind}/{name} at {current})")
             else:
                 await self._set_replicas(kind, name, want)
                 res = ActionResult("scale", pool, ok=True, reason=reason,

@@ -162,7 +162,7 @@ def controller_config(profile: Path, fleet: Any, tap_pub: str, s: float, journal
         "actuation": {
             "kind": "router", "router_url": fleet.router_url, "switch": "agent", "agents": fleet.endpoints,
             "agent_client_key": str(fleet.client_sec), "agent_server_key": str(fleet.server_pub),
-            "bootstrap_ports": fleet.bootstrap, "max_flips_in_flight": 1, "flip_budget_per_hour": 120,
+            "bootstrap_ports": fleet.bootstrap,
             "drain_timeout_s": 90.0, "switch_timeout_s": 90.0, "register_timeout_s": 30.0, "verify_timeout_s": 10.0,
             "poll_interval_s": 0.2, "http_timeout_s": 5.0, "journal": str(journal),
         },

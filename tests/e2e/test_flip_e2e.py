@@ -77,7 +77,7 @@ class ClientLoad:
 def actuation(fleet: EmulatedFleet, router_url: str | None = None, **kw) -> ActuationConfig:
     cfg = dict(
         kind="router", router_url=router_url or fleet.router_url, drain_timeout_s=30, switch_timeout_s=30,
-        register_timeout_s=30, verify_timeout_s=20, poll_interval_s=0.1, flip_budget_per_hour=10,
+        register_timeout_s=30, verify_timeout_s=20, poll_interval_s=0.1,
         backoff_initial_s=0.05, backoff_max_s=0.5, retries=4,
         bootstrap_ports={w.url: w.bootstrap_port for w in fleet.workers},
     )

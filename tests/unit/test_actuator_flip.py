@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
 
 from controller.actuators import build_actuator
 from controller.actuators.base import FleetView, WorkerView
@@ -42,7 +43,7 @@ def make(f: ContractFleet, registry, tmp_path=None, **kw) -> RouterActuator:
     cfg = dict(
         kind="router", router_url=f.base + "/router", drain_timeout_s=2.0, switch_timeout_s=2.0,
         register_timeout_s=2.0, verify_timeout_s=1.0, poll_interval_s=0.01, backoff_initial_s=0.001,
-        backoff_max_s=0.01, retries=3, flip_budget_per_hour=10, max_flips_in_flight=1,
+        backoff_max_s=0.01, retries=3,
         bootstrap_ports={f.url("d0"): 9100, f.url("d1"): 9101},
     )
     if tmp_path is not None:
@@ -83,19 +84,31 @@ async def test_never_flips_last_instance(fleet, registry):
     finally:
         await act.close()
     assert not res.ok and res.detail == "refused: last_instance_of_pool"
+    assert (res.outcome, res.why, res.refused, res.started) == ("refused", "last_instance_of_pool", True, False)
     assert "DELETE /workers" not in fleet.calls
     assert registry.get_sample_value("pdc_flips_total", {"result": "refused", "to_role": "decode"}) == 1
 
 
-async def test_hourly_budget(fleet, registry):
-    act = make(fleet, registry, flip_budget_per_hour=1)
+async def test_no_budget_of_its_own_only_hard_rules(fleet, registry):
+    # flip limits live in the control parameters: the actuator flips as often as it is asked, one flip per
+    # worker at a time, never the last worker of a pool
+    act = make(fleet, registry)
     try:
-        first = await act.flip(fleet.url("d1"), "prefill", "r")
-        second = await act.flip(fleet.url("d1"), "decode", "r")
+        results = [await act.flip(fleet.url("d1"), role, "r") for role in ("prefill", "decode") * 4]
+        last = await act.flip(fleet.url("d0"), "prefill", "r")
     finally:
         await act.close()
-    assert first.ok
-    assert second.detail == "refused: hourly_budget_spent"
+    assert all(r.ok and r.outcome == "done" for r in results), [r.detail for r in results]
+    assert last.ok
+    # now 3P (p0, p1, d0) 1D (d1): d1 is the last decode worker
+    act = make(fleet, CollectorRegistry())
+    try:
+        res = await act.flip(fleet.url("d1"), "prefill", "r")
+        same = await act.flip(fleet.url("p0"), "prefill", "r")
+    finally:
+        await act.close()
+    assert (res.outcome, res.why, res.refused, res.changed) == ("refused", "last_instance_of_pool", True, False)
+    assert (same.outcome, same.why) == ("refused", "already_in_role")
 
 
 async def test_refused_switch_rolls_back_to_old_pool(fleet, registry):
@@ -225,11 +238,11 @@ async def test_scale_down_drains_and_scale_up_reuses_spare(fleet, registry):
 
 
 @given(
-    p=st.integers(0, 5), d=st.integers(0, 5), min_pool=st.integers(1, 3), k=st.integers(1, 3),
+    p=st.integers(0, 5), d=st.integers(0, 5), min_pool=st.integers(1, 3),
     flying=st.lists(st.sampled_from(["prefill", "decode"]), max_size=3),
     target=st.integers(0, 9),
 )
-def test_guard_never_drains_a_pool_below_minimum(p, d, min_pool, k, flying, target):
+def test_guard_never_drains_a_pool_below_minimum(p, d, min_pool, flying, target):
     ws = [WorkerView(f"p{i}", "prefill") for i in range(p)] + [WorkerView(f"d{i}", "decode") for i in range(d)]
     if not ws:
         return
@@ -240,21 +253,14 @@ def test_guard_never_drains_a_pool_below_minimum(p, d, min_pool, k, flying, targ
                  for i, r in enumerate(flying)}
     w = ws[target % len(ws)]
     to = "decode" if w.role == "prefill" else "prefill"
-    g = FlipGuard(max_in_flight=k, budget_per_hour=100, min_pool_size=min_pool)
-    why = g.refusal(fleet, w.url, to, in_flight, 0.0)
+    g = FlipGuard(min_pool_size=min_pool)
+    why = g.refusal(fleet, w.url, to, in_flight)
     if why is None:
         leaving = sum(1 for r in flying if r == w.role) + 1
         assert fleet.count(w.role) - leaving >= min_pool
-        assert len(in_flight) < k
-
-
-def test_guard_budget_is_a_rolling_hour():
-    g = FlipGuard(max_in_flight=5, budget_per_hour=2, min_pool_size=1)
-    fleet = FleetView((WorkerView("a", "prefill"), WorkerView("b", "prefill"), WorkerView("c", "decode")))
-    g.record_start(0.0)
-    g.record_start(100.0)
-    assert g.refusal(fleet, "a", "decode", {}, 3599.0) == "hourly_budget_spent"
-    assert g.refusal(fleet, "a", "decode", {}, 3600.5) is None  # the first start left the window
+    # one flip per worker at a time, and never one the reconciler is repairing
+    assert g.refusal(fleet, w.url, to, {w.url: FlipRecord(w.url, w.role, to, "r", 0.0)}) == "already_flipping"
+    assert g.refusal(fleet, w.url, to, {}, busy={w.url}) == "worker_repairing"
 
 
 def test_backoff_doubles_caps_and_resets():

@@ -22,8 +22,12 @@ async def test_dry_run_changes_nothing_and_reports(registry):
     assert isinstance(act, Actuator)
     r1 = await act.flip("http://b", "prefill", "slo_prefill_short")
     r2 = await act.scale("decode", -1, "decode_surplus")
-    assert r1.ok and r1.detail == "dry-run: would drain http://b and flip it to prefill"
+    assert r1.detail == "dry-run: would drain http://b and flip it to prefill"
     assert r2.detail == "dry-run: would drain and remove 1 decode worker(s)"
+    # honest: nothing was carried out, nothing changed, nothing started (the core must not count it)
+    for r in (r1, r2):
+        assert (r.ok, r.outcome, r.why, r.refused, r.changed, r.started) == (
+            False, "advised", "dry_run", True, False, False)
     assert await act.fleet() == fleet
     assert registry.get_sample_value("pdc_actuator_calls_total",
                                      {"actuator": "dry-run", "op": "flip", "result": "advised"}) == 1
@@ -40,6 +44,7 @@ async def test_fake_applies_the_same_safety_rules():
     act.fail_next.append("not idle")
     failed = await act.flip("http://fake-p0", "decode", "r")
     assert not failed.ok and "rolled back" in failed.detail
+    assert failed.outcome == "rolled_back" and failed.started and not failed.refused
     assert (await act.fleet()).count("prefill") == 2  # the failed flip changed nothing
     assert (await act.scale("decode", 1, "r")).ok
     assert (await act.fleet()).count("decode") == 2
@@ -64,7 +69,9 @@ async def test_factory_builds_each_kind(registry, tmp_path):
     [
         ({"kind": "router"}, "needs router_url"),
         ({"kind": "router", "router_url": "http://r", "switch": "agent"}, "needs agents"),
-        ({"max_flips_in_flight": 0}, "actuation.max_flips_in_flight=0"),
+        ({"max_flips_in_flight": 1}, "actuation.max_flips_in_flight=1: flip limits live in control.max_flips_in_flight"),
+        ({"flip_budget_per_hour": 6}, "actuation.flip_budget_per_hour=6: flip limits live in control.max_flips_per_hour"),
+        ({"min_pool_size": 0}, "actuation.min_pool_size=0"),
         ({"kind": "magic"}, "actuation.kind='magic'"),
         ({"backoff_initial_s": 2.0, "backoff_max_s": 1.0}, "backoff_max_s=1.0 must be >= backoff_initial_s=2.0"),
         ({"drain_timeout_s": -1}, "actuation.drain_timeout_s=-1"),
