@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controller.config import Config, ConfigError, format_validation_error
-from controller.core.errors import ModelInputError, ProfileError
+from controller.core.errors import ModelInputError, PdControllerError
 from controller.core.prefill import PrefillCurve, QueueModel
 from controller.core.profile import Profile
 from controller.core.sizing import (
@@ -31,28 +31,49 @@ from controller.core.sizing import (
 )
 from controller.profiles import load_profile
 
+# Upper bounds on every input: well beyond any real fleet, and they bound the work of one plan
+# (best_split enumerates O(gpus) candidates; 1e5 GPUs take a few ms) and keep the math finite.
+MAX_GPUS = 100_000
+MAX_TOKENS = 10_000_000.0  # per request, input or output (10 M-token contexts)
+MAX_RATE_RPS = 10_000_000.0
+MAX_TPM = 1e13
+MAX_TPS = 1e9  # tokens/s of one instance
+MAX_SECONDS = 86_400.0
+# quantiles are kept a little inside (0, 1): ln(1/(1-q)) stays finite and meaningful
+QUANTILE_MIN, QUANTILE_MAX = 1e-6, 1 - 1e-9
+
 
 class PlanRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # floats are finite (1e309 parses as inf; NaN compares false with every bound)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    throughput_tpm: float | None = Field(None, ge=0)
-    rate_rps: float | None = Field(None, ge=0)
-    input_len: float = Field(..., gt=0)
-    output_len: float = Field(..., gt=0)
-    input_len_cv: float | None = Field(None, ge=0, description="input-length coefficient of variation (M/G/1)")
+    throughput_tpm: float | None = Field(None, ge=0, le=MAX_TPM)
+    rate_rps: float | None = Field(None, ge=0, le=MAX_RATE_RPS)
+    input_len: float = Field(..., gt=0, le=MAX_TOKENS)
+    output_len: float = Field(..., gt=0, le=MAX_TOKENS)
+    input_len_cv: float | None = Field(None, ge=0, le=100, description="input-length coefficient of variation (M/G/1)")
     cache_hit_rate: float = Field(0.0, ge=0, lt=1)
-    ttft_s: float = Field(2.0, gt=0)
-    ttft_quantile: float | None = Field(None, gt=0, lt=1)
-    tpot_ms: float = Field(20.0, gt=0)
-    overhead_s: float | None = Field(None, ge=0)
-    prefill_max_tps: float | None = Field(None, gt=0)
-    decode_tps: float | None = Field(None, gt=0)
-    profile: str | None = None
+    ttft_s: float = Field(2.0, gt=0, le=MAX_SECONDS)
+    ttft_quantile: float | None = Field(None, ge=QUANTILE_MIN, le=QUANTILE_MAX)
+    tpot_ms: float = Field(20.0, gt=0, le=MAX_SECONDS * 1000)
+    overhead_s: float | None = Field(None, ge=0, le=MAX_SECONDS)
+    prefill_max_tps: float | None = Field(None, gt=0, le=MAX_TPS)
+    decode_tps: float | None = Field(None, gt=0, le=MAX_TPS)
+    profile: str | None = Field(None, max_length=4096)
     prefill_model: Literal["mm1", "md1", "mg1"] = "mm1"
-    dp_groups: int | None = Field(None, ge=1)
+    dp_groups: int | None = Field(None, ge=1, le=1024)
     rounding: Literal["ceil", "nearest"] = "ceil"
-    evaluate: str | None = None
-    gpus: int | None = Field(None, ge=2)
+    evaluate: str | None = Field(None, max_length=32)
+    gpus: int | None = Field(None, ge=2, le=MAX_GPUS)
+
+    @field_validator("evaluate")
+    @classmethod
+    def _deployment(cls, v: str | None) -> str | None:
+        if v is not None:
+            d = Deployment.parse(v)  # the one-line "expected a deployment like 3P4D"
+            if not (0 <= d.n_prefill <= MAX_GPUS and 0 <= d.n_decode <= MAX_GPUS):
+                raise ValueError(f"evaluate={v!r}: at most {MAX_GPUS} instances per pool")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> PlanRequest:
@@ -105,20 +126,31 @@ def _input_samples(mean: float, cv: float | None) -> tuple[float, ...]:
     return tuple(float(v) for v in np.maximum(x, 1.0))
 
 
-def build_inputs(req: PlanRequest) -> tuple[Workload, Objectives, Hardware]:
+def _profile(ref: str | None, prefill_max_tps: float | None, decode_tps: float | None,
+             dp_groups: int | None) -> Profile:
+    """The profile file (or the two measured numbers) with the overrides applied."""
     prof: Profile
-    if req.profile is not None:
-        prof = load_profile(req.profile)
+    if ref is not None:
+        prof = load_profile(ref)
     else:
-        prof = Profile(name="flags", prefill=PrefillCurve(max_tps=req.prefill_max_tps), decode_fixed_tps=req.decode_tps)
+        prof = Profile(name="flags", prefill=PrefillCurve(max_tps=prefill_max_tps), decode_fixed_tps=decode_tps)
     updates: dict[str, Any] = {}
-    if req.prefill_max_tps is not None:
-        updates["prefill"] = PrefillCurve(max_tps=req.prefill_max_tps)
-    if req.dp_groups is not None:
-        updates["prefill_dp_groups"] = req.dp_groups
+    if prefill_max_tps is not None:
+        updates["prefill"] = PrefillCurve(max_tps=prefill_max_tps)
+    if dp_groups is not None:
+        updates["prefill_dp_groups"] = dp_groups
     if updates:
         prof = Profile(**{**prof.__dict__, **updates})
-    overhead = req.overhead_s if req.overhead_s is not None else prof.overhead_s
+    return prof
+
+
+def _objectives(prof: Profile, ttft_s: float, tpot_ms: float, ttft_quantile: float | None,
+                overhead_s: float | None) -> Objectives:
+    return Objectives(ttft_s, tpot_ms, ttft_quantile, overhead_s if overhead_s is not None else prof.overhead_s)
+
+
+def build_inputs(req: PlanRequest) -> tuple[Workload, Objectives, Hardware]:
+    prof = _profile(req.profile, req.prefill_max_tps, req.decode_tps, req.dp_groups)
     samples = _input_samples(req.input_len, req.input_len_cv)
     if req.throughput_tpm is not None:
         wl = Workload.from_throughput_tpm(
@@ -128,9 +160,28 @@ def build_inputs(req: PlanRequest) -> tuple[Workload, Objectives, Hardware]:
     else:
         assert req.rate_rps is not None
         wl = Workload(req.rate_rps, req.input_len, req.output_len, req.cache_hit_rate, samples)
-    obj = Objectives(req.ttft_s, req.tpot_ms, req.ttft_quantile, overhead)
+    obj = _objectives(prof, req.ttft_s, req.tpot_ms, req.ttft_quantile, req.overhead_s)
     hw = Hardware(prof, QueueModel(req.prefill_model), req.decode_tps)
     return wl, obj, hw
+
+
+def objectives_and_hardware(cfg: Config) -> tuple[Objectives, Hardware]:
+    """Objectives and hardware of a config, exactly as `plan` builds them, without a workload.
+
+    The live controller measures its load; only the objectives (slo) and the
+    hardware (profile and overrides) come from the config.
+    """
+    hwc = cfg.hardware
+    if hwc is None:
+        raise ConfigError("hardware: missing: `run` needs a profile (hardware.profile) or prefill_max_tps + decode_tps")
+    prof = _profile(str(hwc.profile) if hwc.profile is not None else None, hwc.prefill_max_tps, hwc.decode_tps,
+                    hwc.dp_groups)
+    slo = cfg.slo
+    try:
+        obj = _objectives(prof, slo.ttft_s, slo.tpot_ms, slo.ttft_quantile, slo.overhead_s)
+    except ModelInputError as e:
+        raise ConfigError(f"slo: {e}") from None
+    return obj, Hardware(prof, QueueModel(hwc.prefill_model), hwc.decode_tps)
 
 
 def _dep_json(d: Any) -> dict[str, Any]:
@@ -144,11 +195,8 @@ def _dep_json(d: Any) -> dict[str, Any]:
 
 def execute(req: PlanRequest) -> dict[str, Any]:
     """Run the plan (and --evaluate / --gpus) and return the JSON object."""
-    try:
-        wl, obj, hw = build_inputs(req)
-        p: Plan = plan(wl, obj, hw, Rounding(req.rounding))
-    except ProfileError:
-        raise
+    wl, obj, hw = build_inputs(req)
+    p: Plan = plan(wl, obj, hw, Rounding(req.rounding))
     cap = p.capacity
     out: dict[str, Any] = {
         "profile": hw.profile.name,
@@ -191,6 +239,37 @@ def execute(req: PlanRequest) -> dict[str, Any]:
             "n_decode": split.deployment.n_decode,
         }
     return out
+
+
+def finite_json(x: Any) -> Any:
+    """The result as strict JSON values: NaN and infinities (JSON has neither) become null."""
+    if isinstance(x, dict):
+        return {str(k): finite_json(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite_json(v) for v in x]
+    if isinstance(x, bool) or x is None or isinstance(x, str | int):
+        return x
+    if isinstance(x, float | np.floating):
+        return float(x) if math.isfinite(x) else None
+    if isinstance(x, np.integer):
+        return int(x)
+    return str(x)
+
+
+def execute_tagged(req: PlanRequest) -> tuple[str, Any]:
+    """`execute` for a worker process: never raises, so nothing but plain data crosses the pipe.
+
+    ("ok", result) | ("invalid", message) for an expected error of the inputs |
+    ("error", "TypeName: message") for anything else (a bug: reported in one line).
+    """
+    try:
+        return "ok", finite_json(execute(req))
+    except (PdControllerError, ArithmeticError) as e:
+        return "invalid", str(e).splitlines()[0][:500] if str(e) else type(e).__name__
+    except MemoryError:
+        return "error", "MemoryError: the plan exceeded the worker's memory limit"
+    except Exception as e:
+        return "error", f"{type(e).__name__}: {str(e)[:300]}"
 
 
 def check_path(p: str | None) -> Path | None:

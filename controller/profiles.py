@@ -1,7 +1,9 @@
-"""Profile files: load a YAML profile by path or by shipped name, and write one."""
+"""Profile files: load a YAML profile by path or by shipped name, choose one by name only, and write one."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,44 @@ def resolve_profile_path(ref: str | Path) -> Path:
             return cand
     shipped = sorted(x.stem for x in PROFILES_DIR.glob("*.yaml")) if PROFILES_DIR.is_dir() else []
     raise ProfileError(f"profile={str(ref)!r}: no such file, and not a shipped profile (shipped: {', '.join(shipped)})")
+
+
+# a profile NAME: no path separator, no leading dot (so no `..`), no NUL, bounded length
+PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def known_profiles(dirs: Iterable[Path]) -> dict[str, Path]:
+    """name -> file of every `*.yaml` regular file directly in these directories (first directory wins)."""
+    out: dict[str, Path] = {}
+    for d in dirs:
+        try:
+            entries = sorted(Path(d).glob("*.yaml"))
+        except OSError:
+            continue
+        for f in entries:
+            if PROFILE_NAME.fullmatch(f.stem) and f.is_file():
+                out.setdefault(f.stem, f)
+    return out
+
+
+def resolve_profile_name(name: object, dirs: Iterable[Path]) -> Path:
+    """The file of profile `name` in `dirs`, for requests from the network: a name, never a path.
+
+    Nothing outside `dirs` is ever touched, so the answer cannot reveal whether
+    some other file exists, and no device, FIFO or huge file can be opened.
+    """
+    if not isinstance(name, str):
+        raise ProfileError(f"profile: expected a profile name (a string), got {type(name).__name__}")
+    known = known_profiles(dirs)
+    shown = ", ".join(sorted(known)) or "(none)"
+    if not PROFILE_NAME.fullmatch(name):
+        short = repr(name) if len(name) <= 40 else repr(name[:40]) + f"... ({len(name)} chars)"
+        raise ProfileError(f"profile={short}: not a profile name (letters, digits, . _ -; "
+                           f"no paths): choose one of {shown}")
+    path = known.get(name.removesuffix(".yaml"))
+    if path is None:
+        raise ProfileError(f"profile={name!r}: unknown profile: choose one of {shown}")
+    return path
 
 
 def load_profile_raw(ref: str | Path) -> dict[str, Any]:

@@ -18,11 +18,11 @@ import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from controller.config import Config, ConfigError
+from controller.config import Config
 from controller.core.control import ControlSpec, FleetView, Observations, WorkerStats, initial_state, tick
 from controller.core.control.types import Role, Transition
 from controller.metrics import ControllerMetrics
-from controller.planning import build_inputs, request_from
+from controller.planning import objectives_and_hardware
 from controller.runtime.actuation import ActuatorSink
 from controller.runtime.clock import Clock, SystemClock
 from controller.runtime.loop import Decide, TickLoop
@@ -35,11 +35,7 @@ from controller.telemetry.zmq_source import ZmqSource
 
 def build_spec(cfg: Config) -> ControlSpec:
     """Objectives and hardware exactly as `pd-controller plan` builds them, plus the control parameters."""
-    if cfg.hardware is None:
-        raise ConfigError("hardware: missing: `run` needs a profile (hardware.profile) or prefill_max_tps + decode_tps")
-    # the load is what the controller measures; a placeholder satisfies the plan request's validation
-    req = request_from(cfg, {"rate_rps": 1.0, "input_len": 1.0, "output_len": 1.0})
-    _, objectives, hardware = build_inputs(req)
+    objectives, hardware = objectives_and_hardware(cfg)
     return ControlSpec(objectives, hardware, cfg.control.to_params())
 
 
@@ -200,6 +196,19 @@ class Sidecar:
             },
         })
         return out
+
+    # -- the API's view (controller.api.view.ControllerView) ----------------------------------
+
+    def metrics_exposition(self) -> bytes:
+        return self.metrics.exposition()
+
+    def set_paused(self, paused: bool) -> dict[str, Any]:
+        self.loop.set_paused(paused)
+        body: dict[str, Any] = {"paused": self.loop.paused, "mode": self.loop.mode}
+        if not paused and self.loop.mode == "advisory":
+            body["note"] = "still advisory: " + ("no actuator configured" if self.loop.sink is None
+                                                 else "started with --advisory")
+        return body
 
     # -- lifecycle ---------------------------------------------------------------------------
 
