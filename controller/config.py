@@ -244,6 +244,14 @@ class ApiConfig(_Section):
 class Config(_Section):
     """The whole configuration file."""
 
+    plan_requires_token: bool = Field(False, description="POST /v1/plan needs the bearer token too")
+    plan_timeout_s: float = Field(10.0, gt=0, le=600, description="what-if plan time limit (its worker is killed)")
+    plan_memory_mb: int = Field(1024, ge=128, description="what-if plan worker's data memory limit (RLIMIT_DATA)")
+    profile_dirs: list[Path] | None = Field(
+        None, description="directories whose *.yaml profiles POST /v1/plan may name; None = the shipped "
+        "configs/profiles/ and the directory of hardware.profile"
+    )
+    max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="request bodies above: 413")
     slo: SloConfig = SloConfig()
     workload: WorkloadConfig | None = None
     hardware: HardwareConfig | None = None
