@@ -239,11 +239,6 @@ class ApiConfig(_Section):
     port: int = Field(9109, ge=0, le=65535, description="0 = an ephemeral port")
     token: str | None = Field(None, description="bearer token for POST /v1/pause and /v1/resume")
     token_env: str = Field("PDCTL_API_TOKEN", description="environment variable read when token is not set")
-
-
-class Config(_Section):
-    """The whole configuration file."""
-
     plan_requires_token: bool = Field(False, description="POST /v1/plan needs the bearer token too")
     plan_timeout_s: float = Field(10.0, gt=0, le=600, description="what-if plan time limit (its worker is killed)")
     plan_memory_mb: int = Field(1024, ge=128, description="what-if plan worker's data memory limit (RLIMIT_DATA)")
@@ -252,6 +247,11 @@ class Config(_Section):
         "configs/profiles/ and the directory of hardware.profile"
     )
     max_body_bytes: int = Field(65536, ge=1024, le=16 * 1024 * 1024, description="request bodies above: 413")
+
+
+class Config(_Section):
+    """The whole configuration file."""
+
     slo: SloConfig = SloConfig()
     workload: WorkloadConfig | None = None
     hardware: HardwareConfig | None = None
@@ -272,6 +272,7 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     parts = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        loc = loc if len(loc) <= 80 else f"{loc[:80]}... ({len(loc)} chars)"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] in ("missing",):
             parts.append(f"{origin}: {loc}: missing")
