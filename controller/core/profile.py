@@ -47,6 +47,10 @@ class Profile:
     source: str = ""
     license: str = ""
     notes: str = ""
+    # Optional facts for `profile check` (absent in older profiles): memory of one GPU, and the KV bytes
+    # one token takes across a whole decode instance (all its GPUs together).
+    gpu_memory_gib: float | None = None
+    kv_bytes_per_token: float | None = None
 
     def __post_init__(self) -> None:
         if self.decode_curve is None and self.decode_fixed_tps is None:
@@ -157,4 +161,76 @@ def profile_from_dict(raw: Any, origin: str = "profile") -> Profile:
         source=str(raw.get("source", "")),
         license=str(raw.get("license", "")),
         notes=str(raw.get("notes", "")),
+        gpu_memory_gib=_num(raw, "gpu_memory_gib", origin) if "gpu_memory_gib" in raw else None,
+        kv_bytes_per_token=(
+            _num(dec, "kv_bytes_per_token", f"{origin}.decode") if "kv_bytes_per_token" in dec else None
+        ),
     )
+
+
+# GiB of memory per GPU, for hardware names that do not say it ("h100-80gb" does; "h200" alone does not).
+GPU_MEMORY_GIB = {"a100": 80.0, "h100": 80.0, "h200": 141.0, "h20": 96.0, "b200": 180.0, "b300": 288.0,
+                  "gb200": 186.0, "gb300": 288.0, "l40s": 48.0}
+
+
+def gpu_memory_gib(profile: Profile) -> float | None:
+    """The profile's own figure, else NN from a `...-NNgb` hardware name, else the table by GPU family."""
+    if profile.gpu_memory_gib is not None:
+        return profile.gpu_memory_gib
+    hw = profile.hardware.lower()
+    for part in hw.replace("_", "-").split("-"):
+        if part.endswith("gb") and part[:-2].isdigit():
+            return float(part[:-2])
+    for family in sorted(GPU_MEMORY_GIB, key=len, reverse=True):
+        if hw.startswith(family):
+            return GPU_MEMORY_GIB[family]
+    return None
+
+
+def sanity_problems(profile: Profile) -> list[str]:
+    """What a loadable profile still gets wrong, one line each (`note: ...` lines are not errors).
+
+    Loading already enforces positive, monotone curves (TPOT non-decreasing in batch and in context,
+    prefill time non-decreasing in input length). On top of that:
+    - context dependence: a decode step reads every running sequence's KV, so at the largest batch TPOT
+      must grow from each context row to the next; identical rows mean the grid lost its context axis;
+    - prefill throughput L/t(L) must not fall as L grows up to the knee (a curve flat in time is a
+      floor, fine), so only a falling time is an error, already caught at load;
+    - KV capacity: capacity tokens x KV bytes per token must fit in the instance's GPU memory, and
+      the capacity must hold at least one sequence at the grid's smallest context.
+    """
+    out: list[str] = []
+    d = profile.decode_curve
+    if d is None:
+        out.append("note: decode is a fixed operating point (no TPOT grid): batch and context dependence not checked")
+        return out
+    col = [row[-1] for row in d.tpot_ms]
+    for i in range(len(d.context) - 1):
+        if col[i + 1] <= col[i]:
+            out.append(
+                f"decode.tpot_ms: no context dependence at batch {d.batch[-1]:g}: context {d.context[i]:g} -> "
+                f"{col[i]:g} ms, context {d.context[i + 1]:g} -> {col[i + 1]:g} ms (a step reads every sequence's KV)"
+            )
+    if len(d.context) < 2:
+        out.append("note: decode grid has one context row: TPOT cannot grow with context")
+    if d.kv_capacity_tokens is None:
+        out.append("note: decode.kv_capacity_tokens absent: KV capacity not checked")
+        return out
+    if d.kv_capacity_tokens < d.context[0]:
+        out.append(
+            f"decode.kv_capacity_tokens={d.kv_capacity_tokens:g}: below the smallest grid context {d.context[0]:g}"
+        )
+    mem = gpu_memory_gib(profile)
+    if mem is None or profile.kv_bytes_per_token is None:
+        missing = "gpu memory" if mem is None else "decode.kv_bytes_per_token"
+        out.append(f"note: {missing} unknown: KV capacity checked only against the grid")
+        return out
+    kv_gib = d.kv_capacity_tokens * profile.kv_bytes_per_token / 2**30
+    total = mem * profile.decode_gpus_per_instance
+    if kv_gib > total:
+        out.append(
+            f"decode.kv_capacity_tokens={d.kv_capacity_tokens:g}: needs {kv_gib:.0f} GiB of KV "
+            f"({profile.kv_bytes_per_token:g} B/token), more than the instance's {total:.0f} GiB "
+            f"({profile.decode_gpus_per_instance} x {mem:g} GiB)"
+        )
+    return out

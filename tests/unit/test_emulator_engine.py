@@ -71,7 +71,7 @@ async def test_decode_steps_take_tpot_of_the_batch():
     curve = decode_curve_of(PROFILE)
     gaps = [y - x for x, y in itertools.pairwise(a[1:])]
     for i, g in enumerate(gaps):
-        ctx = 1000 + 1 + i  # mean context of the batch at that step
+        ctx = 1000 + 2 + i  # mean context of the batch at that step (input + tokens generated so far)
         assert g == pytest.approx(curve.tpot_ms_at(2, ctx) / 1000 * SCALE, rel=1e-6)
 
 

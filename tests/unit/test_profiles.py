@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import yaml
 
@@ -24,19 +26,21 @@ def test_shipped_profile_loads_and_names_its_source(path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "model", "hw", "tp", "kv", "kvt"),
+    ("name", "model", "hw", "tp", "kv", "kvt", "kvb"),
     [
-        ("llama2-70b-h100-tp8", "llama2-70b", "h100-80gb", 8, "1330000", "6.55e-6"),
-        ("llama2-70b-a100-tp8", "llama2-70b", "a100-80gb", 8, "1330000", "6.55e-6"),
-        ("llama2-70b-a100-tp4", "llama2-70b", "a100-80gb", 4, "451000", "6.55e-6"),
-        ("bloom-176b-h100-tp8", "bloom-176b", "h100-80gb", 8, "55800", "8.0e-5"),
+        # KV bytes per token from the model shape: 2 (K, V) x layers x KV heads x head dim x 2 bytes
+        ("llama2-70b-h100-tp8", "llama2-70b", "h100-80gb", 8, "1330000", "6.55e-6", "327680"),  # 80 x 8 x 128 (GQA)
+        ("llama2-70b-a100-tp8", "llama2-70b", "a100-80gb", 8, "1330000", "6.55e-6", "327680"),
+        ("llama2-70b-a100-tp4", "llama2-70b", "a100-80gb", 4, "451000", "6.55e-6", "327680"),
+        ("bloom-176b-h100-tp8", "bloom-176b", "h100-80gb", 8, "55800", "8.0e-5", "4014080"),  # 70 x 14336 (MHA)
     ],
 )
-def test_importer_regenerates_shipped_profile(tmp_path, name, model, hw, tp, kv, kvt) -> None:
+def test_importer_regenerates_shipped_profile(tmp_path, name, model, hw, tp, kv, kvt, kvb) -> None:
     out = tmp_path / "p.yaml"
     code = main(["profile", "import-splitwise", "--csv", str(DATA / "perf/splitwise-sim/perf_model.csv"),
                  "--model", model, "--hardware", hw, "--tp", str(tp), "--kv-capacity-tokens", kv,
-                 "--overhead-s", "0.05", "--kv-transfer-per-token-s", kvt, "--out", str(out)])
+                 "--overhead-s", "0.05", "--kv-transfer-per-token-s", kvt, "--kv-bytes-per-token", kvb,
+                 "--out", str(out)])
     assert code == 0
     assert yaml.safe_load(out.read_text()) == yaml.safe_load((PROFILES / f"{name}.yaml").read_text())
 
@@ -79,3 +83,87 @@ def test_bad_profiles_named(raw, message) -> None:
     with pytest.raises(ProfileError) as e:
         profile_from_dict(raw, origin="p")
     assert message in str(e.value)
+
+
+def _batch1_medians(model: str, hw: str, tp: int) -> dict[float, float]:
+    """Median token_time of each batch-1 run group, keyed by its mean context (prompt + output/2)."""
+    import csv
+    import statistics
+    from collections import defaultdict
+
+    groups: dict[float, list[float]] = defaultdict(list)
+    with (DATA / "perf/splitwise-sim/perf_model.csv").open() as f:
+        for r in csv.DictReader(f):
+            if (r["model"], r["hardware"], int(r["tensor_parallel"]), int(r["batch_size"])) == (model, hw, tp, 1):
+                groups[int(r["prompt_size"]) + int(r["token_size"]) / 2].append(float(r["token_time"]))
+    return {c: statistics.median(v) for c, v in groups.items()}
+
+
+@pytest.mark.parametrize(("name", "model", "hw", "tp"), [
+    ("llama2-70b-h100-tp8", "llama2-70b", "h100-80gb", 8),
+    ("llama2-70b-a100-tp4", "llama2-70b", "a100-80gb", 4),
+    ("bloom-176b-h100-tp8", "bloom-176b", "h100-80gb", 8),
+])
+def test_splitwise_grid_reproduces_its_csv_and_grows_with_context(name, model, hw, tp) -> None:
+    prof = load_profile(name)
+    d = prof.decode_curve
+    assert d is not None
+    # batch 1: each measured context (both sweeps) within the data's own scatter (the medians of
+    # neighbouring contexts differ by up to ~6 %) of the line the grid holds, and unbiased on average
+    errs = [d.tpot_ms_at(1, c) / ms - 1 for c, ms in _batch1_medians(model, hw, tp).items()
+            if d.context[0] <= c <= d.context[-1]]
+    assert len(errs) >= 7
+    assert max(abs(e) for e in errs) < 0.07
+    assert abs(sum(errs) / len(errs)) < 0.03
+    # the rows differ: at the largest batch TPOT grows strictly from each context to the next
+    col = [row[-1] for row in d.tpot_ms]
+    assert all(b > a for a, b in itertools.pairwise(col))
+    # and the growth is per sequence: b * k * dc, with the same k at every batch
+    k1 = d.tpot_ms[-1][0] - d.tpot_ms[0][0]
+    kb = d.tpot_ms[-1][-1] - d.tpot_ms[0][-1]
+    assert kb == pytest.approx(k1 * d.batch[-1], rel=1e-3)
+
+
+def test_profile_check_passes_shipped_profiles(capsys) -> None:
+    assert main(["profile", "check", *[str(p) for p in SHIPPED]]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": ok") == len(SHIPPED)
+
+
+def _write(tmp_path, raw):
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def test_profile_check_flags_identical_context_rows(tmp_path, capsys) -> None:
+    raw = yaml.safe_load((PROFILES / "llama2-70b-h100-tp8.yaml").read_text())
+    raw["decode"]["tpot_ms"] = [raw["decode"]["tpot_ms"][0]] * len(raw["decode"]["context"])
+    assert main(["profile", "check", str(_write(tmp_path, raw))]) == 1
+    lines = capsys.readouterr().out.strip().splitlines()
+    bad = [x for x in lines if "no context dependence" in x]
+    assert len(bad) == len(raw["decode"]["context"]) - 1
+    assert all(x.count("\n") == 0 and "decode.tpot_ms" in x for x in bad)
+
+
+def test_profile_check_flags_kv_larger_than_memory(tmp_path, capsys) -> None:
+    raw = yaml.safe_load((PROFILES / "llama2-70b-h100-tp8.yaml").read_text())
+    raw["decode"]["kv_capacity_tokens"] = 3.0e6  # x 320 KiB = 916 GiB > 8 x 80 GiB
+    assert main(["profile", "check", str(_write(tmp_path, raw))]) == 1
+    out = capsys.readouterr().out
+    assert "decode.kv_capacity_tokens=3e+06: needs 916 GiB of KV" in out and "8 x 80 GiB" in out
+
+
+def test_profile_check_flags_kv_below_one_sequence(tmp_path, capsys) -> None:
+    raw = yaml.safe_load((PROFILES / "llama2-70b-h100-tp8.yaml").read_text())
+    raw["decode"]["kv_capacity_tokens"] = 100
+    assert main(["profile", "check", str(_write(tmp_path, raw))]) == 1
+    assert "below the smallest grid context 576" in capsys.readouterr().out
+
+
+def test_profile_check_reports_load_errors_in_one_line(tmp_path, capsys) -> None:
+    raw = yaml.safe_load((PROFILES / "llama2-70b-h100-tp8.yaml").read_text())
+    raw["decode"]["tpot_ms"][2][3] = 1.0  # below its neighbours: not monotone
+    assert main(["profile", "check", str(_write(tmp_path, raw))]) == 1
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "not monotone" in out[0]
