@@ -30,6 +30,10 @@ class AgentConfig(BaseModel):
     stop_timeout_s: float = Field(10.0, gt=0)
     poll_interval_s: float = Field(0.2, gt=0)
     start_on_launch: bool = Field(True, description="start the server in initial_role when the agent starts")
+    state_file: Path | None = Field(
+        None, description="where the agent records the server it started (pid, start time, role), to adopt it "
+        "after a restart; None = $XDG_RUNTIME_DIR (or the temp dir)/pd-agent-UID/server-HOST-PORT.json"
+    )
 
     @field_validator("start", "stop")
     @classmethod
@@ -54,6 +58,16 @@ class AgentConfig(BaseModel):
             raise ValueError(f"endpoint={self.endpoint!r}: insecure mode binds loopback or ipc only")
         return self
 
+    def state_path(self) -> Path:
+        if self.state_file is not None:
+            return self.state_file
+        from urllib.parse import urlsplit
+
+        from controller.agent.owned import default_state_dir
+
+        u = urlsplit(self.worker_url)
+        return default_state_dir() / f"server-{u.hostname or 'localhost'}-{u.port or 80}.json"
+
 
 def load_agent_config(path: Path | str) -> AgentConfig:
     path = Path(path)
@@ -61,7 +75,7 @@ def load_agent_config(path: Path | str) -> AgentConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at top level")
     base = path.parent
-    for k in ("server_secret_key", "authorized_keys_dir"):
+    for k in ("server_secret_key", "authorized_keys_dir", "state_file"):
         if isinstance(raw.get(k), str) and not Path(raw[k]).is_absolute():
             raw[k] = str(base / raw[k])
     try:

@@ -15,10 +15,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from controller.boundedjson import JsonInputError, loads_bounded
+
 VERSION = 1
 COMMANDS = ("status", "switch", "stop", "start")
 ROLES = ("prefill", "decode")
 MAX_MESSAGE_BYTES = 4096
+MAX_DEPTH = 2
 
 
 class MalformedCommand(ValueError):
@@ -46,9 +49,11 @@ def decode_command(raw: bytes) -> Command:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise MalformedCommand("too_large", f"message of {len(raw)} bytes exceeds {MAX_MESSAGE_BYTES}")
     try:
-        d = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise MalformedCommand("not_json", f"not JSON: {e}") from None
+        # a command is one flat object: nothing may nest deeper (4 KB of `[` once raised RecursionError)
+        d = loads_bounded(raw, max_bytes=MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH)
+    except JsonInputError as e:
+        reason = "not_json" if e.reason in ("not_json", "not_utf8", "not_finite", "number_too_long") else e.reason
+        raise MalformedCommand(reason, f"not a command: {e}") from None
     if not isinstance(d, dict):
         raise MalformedCommand("not_object", f"expected an object, got {type(d).__name__}")
     extra = set(d) - {"v", "id", "cmd", "role"}
@@ -94,7 +99,7 @@ class Reply:
 
 
 def decode_reply(raw: bytes) -> Reply:
-    d = json.loads(raw.decode("utf-8"))
+    d = loads_bounded(raw, max_bytes=16 * MAX_MESSAGE_BYTES, max_depth=MAX_DEPTH)  # ValueError when malformed
     if not isinstance(d, dict):
         raise ValueError("reply is not an object")
     return Reply(

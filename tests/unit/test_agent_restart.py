@@ -89,3 +89,89 @@ def test_shipped_agent_config_is_valid(tmp_path):
     cfg = load_agent_config(REPO_AGENT_CONFIG)
     assert cfg.start[0] == "pd-controller" and "{role}" in cfg.start
     assert cfg.server_secret_key is not None and cfg.server_secret_key.is_absolute()
+
+
+async def _status(client: AgentClient, endpoint: str, want: tuple[str, str], timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    r = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            r = await client.send(endpoint, "status")
+            if (r.state, r.role) == want and r.healthy:
+                return r
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"agent never reported {want}: last {r}")
+
+
+async def test_agent_killed_and_restarted_adopts_its_server_no_orphan(tmp_path):
+    """Issue 13: a restarted agent reported running/prefill while the orphaned server on its port served decode."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    import yaml
+    import zmq
+
+    spub, ssec = generate(tmp_path, "agent")
+    cpub, csec = generate(tmp_path, "controller")
+    (tmp_path / "authorized").mkdir()
+    (tmp_path / "authorized" / "controller.key").write_text(cpub.read_text())
+    port, bport, zport = free_port(), free_port(), free_port()
+    url, endpoint = f"http://127.0.0.1:{port}", f"tcp://127.0.0.1:{zport}"
+    cfg = {"endpoint": endpoint, "worker_url": url, "initial_role": "prefill", "bootstrap_port": bport,
+           "server_secret_key": str(ssec), "authorized_keys_dir": str(tmp_path / "authorized"),
+           "poll_interval_s": 0.1, "start_timeout_s": 60, "state_file": str(tmp_path / "state" / "server.json"),
+           "start": [sys.executable, "-m", "controller", "emulate-worker", "--role", "{role}", "--profile",
+                     "llama2-70b-h100-tp8", "--host", "{host}", "--port", "{port}", "--bootstrap-port",
+                     "{bootstrap_port}", "--time-scale", "0.05"]}
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+
+    def launch() -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "controller", "agent", "--config", str(path)],
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "agent.log", "ab"),
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+    ctx = zmq.asyncio.Context()
+    client = AgentClient(CurveKeys(csec, spub), timeout_s=5.0, ctx=ctx)
+    agent = launch()
+    server_pid = None
+    try:
+        await _status(client, endpoint, ("running", "prefill"))
+        await client.send(endpoint, "switch", "decode")
+        r = await _status(client, endpoint, ("running", "decode"))
+        server_pid = r.pid
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+        assert await server_role(url) == "decode"  # the server outlived its agent
+        agent = launch()  # configured initial_role: prefill
+        r = await _status(client, endpoint, ("running", "decode"))
+        assert r.pid == server_pid and "adopted" in r.progress
+        assert await server_role(url) == "decode"
+        # 4 KB of nested JSON from an authorised client: an error reply; agent and server live on
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        k = CurveKeys(csec, spub)
+        s.curve_publickey, s.curve_secretkey, s.curve_serverkey = k.public, k.secret, k.server_public
+        s.connect(endpoint)
+        await s.send_multipart([b"", b"[" * 2000 + b"]" * 2000])
+        assert await s.poll(5000)
+        assert json.loads((await s.recv_multipart())[-1])["ok"] is False
+        s.close(0)
+        r = await _status(client, endpoint, ("running", "decode"))
+        assert r.pid == server_pid and agent.poll() is None
+        # a clean stop of the agent stops its server: nothing left on the port
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(timeout=30) == 0
+        with pytest.raises(aiohttp.ClientError):
+            await server_role(url)
+        assert not (tmp_path / "state" / "server.json").exists()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+        if server_pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server_pid, signal.SIGKILL)
+        ctx.term()
