@@ -112,6 +112,8 @@ class ActuationConfig(_Section):
     backoff_initial_s: float = Field(0.2, gt=0, description="first retry delay; doubles per failure")
     backoff_max_s: float = Field(5.0, gt=0, description="retry delay cap")
     journal: Path | None = Field(None, description="file recording in-flight flips, for recovery after restart")
+    reconcile_interval_s: float = Field(
+        3.0, ge=0, description="heal the fleet (router registry vs what workers serve) this often; 0 = off")
     k8s_namespace: str = "default"
     k8s_prefill_workload: str | None = Field(None, description="kind/name, e.g. Deployment/sglang-prefill")
     k8s_decode_workload: str | None = Field(None, description="kind/name, e.g. LeaderWorkerSet/sglang-decode")

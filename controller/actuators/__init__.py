@@ -88,7 +88,7 @@ def build_actuator(
             keys = CurveKeys(cfg.agent_client_key, cfg.agent_server_key)
         agents = AgentSwitcher(AgentClient(keys, cfg.http_timeout_s), cfg.agents,
                                poll_interval_s=cfg.poll_interval_s, clock=clock, sleep=sleep)  # type: ignore[arg-type]
-        switcher = AgentRestart(agents, http)
+        switcher = AgentRestart(agents, http, workers)
     else:
         switcher = RoleSwitchEndpoint(workers, http, poll_interval_s=cfg.poll_interval_s, clock=clock,
                                       sleep=sleep)  # type: ignore[arg-type]
@@ -96,8 +96,8 @@ def build_actuator(
     flipper = DrainedFlipper(
         router, workers, switcher, guard, Journal(cfg.journal), metrics,
         timeouts=FlipTimeouts(cfg.drain_timeout_s, cfg.switch_timeout_s, cfg.register_timeout_s,
-                              cfg.verify_timeout_s, cfg.poll_interval_s),
+                              cfg.verify_timeout_s, cfg.poll_interval_s, settle_s=min(cfg.switch_timeout_s, 30.0)),
         bootstrap_ports=cfg.bootstrap_ports, clock=clock, sleep=sleep,  # type: ignore[arg-type]
     )
     return RouterActuator(router, flipper, switcher, metrics, spares=cfg.spare_workers, agents=agents,
-                          closers=(http,))
+                          closers=(http,), reconcile_interval_s=cfg.reconcile_interval_s)

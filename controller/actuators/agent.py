@@ -120,3 +120,25 @@ class AgentSwitcher:
             if self.clock() >= deadline:
                 raise AgentError("agent_switch", url, f"not running as {to_role} after {timeout_s:g}s ({r.progress})")
             await self.sleep(self.poll_interval_s)
+
+    async def restart(self, url: str, role: Role, timeout_s: float) -> None:
+        """Restart the server in `role` whatever the agent believes (a dead or orphaned server); poll until healthy.
+
+        The `switch` command always stops and starts the managed server, even in the same role, so this is the
+        reconciler's repair for a worker that does not answer while its agent reports it running."""
+        ep = self.endpoint(url)
+        deadline = self.clock() + timeout_s
+        while (r := await self.client.send(ep, "status")).state == "switching":
+            if self.clock() >= deadline:
+                raise AgentError("agent_restart", url, f"agent still busy after {timeout_s:g}s ({r.progress})")
+            await self.sleep(self.poll_interval_s)
+        await self.client.send(ep, "switch", role)
+        while True:
+            r = await self.client.send(ep, "status")
+            if r.state == "failed":
+                raise AgentError("agent_restart", url, f"agent reports failure: {r.progress}")
+            if r.state == "running" and r.role == role and r.healthy:
+                return
+            if self.clock() >= deadline:
+                raise AgentError("agent_restart", url, f"not running as {role} after {timeout_s:g}s ({r.progress})")
+            await self.sleep(self.poll_interval_s)

@@ -9,9 +9,20 @@ requests (SGLang refuses a role switch unless fully idle); SWITCH changes the
 role and returns once the worker is healthy in it; REGISTER adds it to the
 other pool; VERIFY waits for its request counters to move.
 
-Rollback restores the last good state: the worker serving its old role in
-the old pool. If that is impossible (the worker is down), it is left out of
-the router — never registered while broken — and the result says why.
+VERIFY asks the worker, never assumes: its own request counters (or requests
+running there) prove traffic reaches it; without traffic in the window (a
+light load), the flip stands when the worker itself reports the new role,
+answers healthy and the router lists it in the new pool. Only strong evidence
+fails it: its peers served so many requests that even spreading would have
+sent it one with probability > 99.9 %.
+
+Rollback restores the last good state, the worker serving its old role in
+the old pool, and checks it: what the worker serves (its /server_info) and
+what the router lists. A worker that is down is not drained (it serves
+nothing) but restarted through its agent; if that is impossible it is left
+out of the router — never registered while broken — journaled as FAILED and
+repaired by the reconciler (controller.actuators.reconcile) with backoff.
+Router calls inside a flip ride out a router outage up to the step's budget.
 
 Safety rules (`FlipGuard`), checked before anything is touched: one flip per
 worker at a time, never take a pool below `min_pool_size` healthy serving
@@ -29,11 +40,21 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
-from controller.actuators.base import ActionResult, FleetView, Role, check_role, other_role, refused
-from controller.actuators.errors import ActuationError
+from controller.actuators.base import (
+    ActionResult,
+    FleetView,
+    Outcome,
+    Role,
+    WorkerView,
+    check_role,
+    other_role,
+    refused,
+)
+from controller.actuators.errors import ActuationError, TransientError
 from controller.actuators.metrics import ActuatorMetrics
 from controller.actuators.router import RouterClient
 from controller.actuators.switch import Switcher
@@ -42,6 +63,7 @@ from controller.actuators.worker import WorkerClient
 log = structlog.get_logger("pd.actuation")
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+T = TypeVar("T")
 
 
 class Step(StrEnum):
@@ -76,19 +98,30 @@ class FlipRecord:
 
 
 class Journal:
-    """In-flight flips, persisted as one JSON file (atomic rename) so a restart can resume them."""
+    """Flips in flight and flips that failed (step FAILED: the worker awaits repair), persisted as one JSON
+    file (atomic rename) so a restarted controller can resume, roll back or repair them.
+
+    A journal that does not parse (a disk filled mid-write by something else) is set aside as `.corrupt`
+    and the controller starts empty: the reconciler rebuilds a consistent fleet from what the workers serve.
+    """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.records: dict[str, FlipRecord] = {}
         if path is not None and path.exists():
-            raw = json.loads(path.read_text() or "{}")
-            for url, r in raw.items():
-                self.records[url] = FlipRecord(
-                    worker=r["worker"], from_role=check_role(r["from_role"]), to_role=check_role(r["to_role"]),
-                    reason=r["reason"], started_at=float(r["started_at"]), step=Step(r["step"]),
-                    bootstrap_port=r.get("bootstrap_port"), history=list(r.get("history", [])),
-                )
+            try:
+                raw = json.loads(path.read_text() or "{}")
+                for url, r in raw.items():
+                    self.records[url] = FlipRecord(
+                        worker=r["worker"], from_role=check_role(r["from_role"]), to_role=check_role(r["to_role"]),
+                        reason=r["reason"], started_at=float(r["started_at"]), step=Step(r["step"]),
+                        bootstrap_port=r.get("bootstrap_port"), history=list(r.get("history", [])),
+                    )
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                self.records = {}
+                bad = path.with_suffix(path.suffix + ".corrupt")
+                os.replace(path, bad)
+                log.error("journal_unreadable", path=str(path), moved_to=str(bad), error=repr(e)[:200])
 
     def save(self, rec: FlipRecord) -> None:
         self.records[rec.worker] = rec
@@ -150,6 +183,18 @@ class FlipTimeouts:
     register_s: float = 30.0
     verify_s: float = 30.0
     poll_s: float = 0.5
+    settle_s: float = 30.0  # recovery: wait this long for a worker caught mid-switch to answer again
+
+
+# verify: fail a flip for lack of traffic only when even spreading would have missed it with P < this
+MISS_PROBABILITY = 1e-3
+
+
+def miss_probability(peers: int, peer_requests: float) -> float:
+    """P(a worker gets none of m requests spread evenly over it and `peers` others) = (n / (n + 1)) ** m."""
+    if peers <= 0 or peer_requests <= 0:
+        return 1.0
+    return float((peers / (peers + 1)) ** peer_requests)
 
 
 class DrainedFlipper:
@@ -179,10 +224,18 @@ class DrainedFlipper:
         self.clock = clock
         self.sleep = sleep
         self.on_step = on_step  # test hook: called after each journaled step
+        self.active: set[str] = set()  # flips running in this process now
+        self.busy: set[str] = set()  # workers another task (the reconciler, a scale action) is working on
 
     @property
     def in_flight(self) -> dict[str, FlipRecord]:
-        return self.journal.records
+        """Journaled flips not finished (in this process or interrupted by a dead controller)."""
+        return {u: r for u, r in self.journal.records.items() if r.step is not Step.FAILED}
+
+    @property
+    def failed(self) -> dict[str, FlipRecord]:
+        """Flips that could not be rolled back: the worker is out of the router until the reconciler repairs it."""
+        return {u: r for u, r in self.journal.records.items() if r.step is Step.FAILED}
 
     async def _enter(self, rec: FlipRecord, step: Step, note: str = "") -> None:
         rec.step = step
@@ -192,26 +245,37 @@ class DrainedFlipper:
         if self.on_step is not None:
             await self.on_step(rec)
 
-    def _port_for(self, url: str, known: int | None) -> int | None:
+    def port_for(self, url: str, known: int | None = None) -> int | None:
         return self.bootstrap_ports.get(url, known)
+
+    _port_for = port_for
 
     async def flip(self, worker: str, to_role: Role, reason: str) -> ActionResult:
         worker = worker.rstrip("/")
+        to_role = check_role(to_role)
         t0 = self.clock()
-        fleet = await self.router.fleet()
-        why = self.guard.refusal(fleet, worker, to_role, self.in_flight)
+        try:
+            fleet = await self.router.fleet()
+        except ActuationError as e:
+            # nothing touched: the router cannot even be read
+            log.info("flip_refused", worker=worker, to_role=to_role, why="router_unavailable", reason=reason)
+            return refused("flip", worker, reason, "router_unavailable", f"refused: router_unavailable ({e})")
+        why = self.guard.refusal(fleet, worker, to_role, self.in_flight, self.busy | set(self.failed))
         if why is not None:
             self.metrics.flips.labels("refused", to_role).inc()
             log.info("flip_refused", worker=worker, to_role=to_role, why=why, reason=reason)
             return refused("flip", worker, reason, why)
         w = fleet.by_url()[worker]
         rec = FlipRecord(worker, w.role, to_role, reason, t0, bootstrap_port=w.bootstrap_port)
+        self.active.add(worker)
         self.metrics.in_flight.set(len(self.in_flight) + 1)
         try:
             await self._enter(rec, Step.PLANNED, reason)
             return await self._run(rec, t0)
         finally:
-            self.journal.drop(worker)
+            self.active.discard(worker)
+            if rec.step is not Step.FAILED:  # a failed one stays journaled: the reconciler repairs it
+                self.journal.drop(worker)
             self.metrics.in_flight.set(len(self.in_flight))
 
     async def _run(self, rec: FlipRecord, t0: float) -> ActionResult:
@@ -223,7 +287,7 @@ class DrainedFlipper:
         dt = self.clock() - t0
         self.metrics.flip_seconds.observe(dt)
         return ActionResult("flip", rec.worker, ok=True, reason=rec.reason, detail=rec.history[-1],
-                            steps=tuple(rec.history), duration_s=dt)
+                            steps=tuple(rec.history), duration_s=dt, outcome=Outcome.DONE)
 
     async def _forward(self, rec: FlipRecord, start: Step = Step.DEREGISTER) -> None:
         url = rec.worker
@@ -231,18 +295,64 @@ class DrainedFlipper:
         for step in order[order.index(start):]:
             await self._enter(rec, step)
             if step is Step.DEREGISTER:
-                await self.router.remove(url, self.t.register_s)
+                await self.deregister(url)
             elif step is Step.DRAIN:
                 await self._wait_idle(url)
             elif step is Step.SWITCH:
                 await self.switcher.switch(url, rec.to_role, self.t.switch_s)
+                actual = await self.switcher.current_role(url)
+                if actual != rec.to_role:
+                    raise ActuationError("switch", url, f"serves {actual or 'nothing (unhealthy)'} after switching "
+                                         f"to {rec.to_role}")
             elif step is Step.REGISTER:
-                rec.peers_before = await self._served_by_pool(rec.to_role, exclude=url)
-                rec.served_before = await self.workers.served(url)
-                await self.router.add(url, rec.to_role, self._port_for(url, rec.bootstrap_port), self.t.register_s)
+                rec.peers_before = await self._requests_by_pool(rec.to_role, exclude=url)
+                with contextlib.suppress(ActuationError):
+                    rec.served_before = await self.workers.requests(url)
+                await self.register(url, rec.to_role, self.port_for(url, rec.bootstrap_port))
             elif step is Step.VERIFY:
                 note = await self._verify(rec)
                 await self._enter(rec, Step.DONE, note)
+
+    # ---- router calls that ride out an outage ------------------------------------------------------
+
+    async def _patient(self, what: str, url: str, budget_s: float, fn: Callable[[], Awaitable[T]]) -> T:
+        """Call fn until it succeeds or `budget_s` has passed: a router restarting for 10 s must not fail a flip."""
+        deadline = self.clock() + budget_s
+        delay = self.t.poll_s
+        while True:
+            try:
+                return await fn()
+            except TransientError as e:
+                if self.clock() >= deadline:
+                    raise
+                log.warning("flip_router_wait", op=what, worker=url, why=e.why, retry_in_s=delay)
+                await self.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def find(self, url: str) -> WorkerView | None:
+        return await self._patient("find", url, self.t.register_s, lambda: self.router.find(url))
+
+    async def deregister(self, url: str) -> None:
+        await self._patient("remove", url, self.t.register_s, lambda: self.router.remove(url, self.t.register_s))
+
+    async def register(self, url: str, role: Role, port: int | None) -> None:
+        """Listed healthy under `role`: a listing under the other role (a router restarted with its start-up
+        arguments lists workers in their start-up roles) is removed first."""
+        deadline = self.clock() + self.t.register_s
+        while True:
+            listed = await self.find(url)
+            if listed is not None and listed.role == role and listed.healthy:
+                return
+            if listed is not None and listed.role != role:
+                await self.deregister(url)
+            try:
+                await self.router.add(url, role, port, max(self.t.poll_s, deadline - self.clock()))
+                return
+            except ActuationError as e:
+                if self.clock() >= deadline:
+                    raise
+                log.warning("flip_register_retry", worker=url, role=role, why=e.why)
+                await self.sleep(self.t.poll_s)
 
     async def _wait_idle(self, url: str) -> None:
         deadline = self.clock() + self.t.drain_s
@@ -254,96 +364,136 @@ class DrainedFlipper:
                 raise ActuationError("drain", url, f"still {n} requests after {self.t.drain_s:g}s")
             await self.sleep(self.t.poll_s)
 
-    async def _served_by_pool(self, role: Role, exclude: str) -> dict[str, float]:
-        out = {}
-        for w in (await self.router.fleet()).pool(role):
-            if w.url != exclude:
-                with contextlib.suppress(ActuationError):
-                    out[w.url] = await self.workers.served(w.url)
+    async def _requests_by_pool(self, role: Role, exclude: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        with contextlib.suppress(ActuationError):
+            for w in (await self.router.fleet()).pool(role):
+                if w.url != exclude:
+                    with contextlib.suppress(ActuationError):
+                        out[w.url] = await self.workers.requests(w.url)
         return out
 
     async def _verify(self, rec: FlipRecord) -> str:
-        """Traffic reaches it: its counters move. If its peers got traffic and it did not, that is a failure;
-        if nobody got any (an idle fleet), the flip stands, marked unverified."""
+        """Traffic reaches it: its own request counter moves or requests run there. Without traffic (light load),
+        the worker's own report decides; the absence of traffic fails it only on overwhelming evidence."""
         if self.t.verify_s <= 0:
             return "verify skipped"
         deadline = self.clock() + self.t.verify_s
         while True:
-            # a request counts as reaching it when it is running there (load) or done (counters): long
+            # a request counts as reaching it when it is running there (load) or done (counter): long
             # decodes finish well after the window, so counters alone would miss them
-            now_served = await self.workers.served(rec.worker)
-            if now_served > rec.served_before:
-                return f"verified: served {now_served - rec.served_before:g} in new role"
-            load = await self.workers.load(rec.worker)
-            if load > 0:
-                return f"verified: {load} request(s) running in new role"
+            with contextlib.suppress(ActuationError):
+                now_served = await self.workers.requests(rec.worker)
+                if now_served > rec.served_before:
+                    return f"verified: served {now_served - rec.served_before:g} request(s) in new role"
+                load = await self.workers.load(rec.worker)
+                if load > 0:
+                    return f"verified: {load} request(s) running in new role"
             if self.clock() >= deadline:
                 break
             await self.sleep(self.t.poll_s)
-        after = await self._served_by_pool(rec.to_role, exclude=rec.worker)
-        peers_moved = any(after.get(u, 0.0) > v for u, v in rec.peers_before.items())
-        if peers_moved:
-            raise ActuationError("verify", rec.worker, f"router sent traffic to {rec.to_role} peers but not to it")
-        return "unverified: no traffic reached the pool during the window"
+        actual = await self.switcher.current_role(rec.worker)
+        if actual != rec.to_role:
+            raise ActuationError("verify", rec.worker, f"serves {actual or 'nothing (unhealthy)'}, not {rec.to_role}")
+        listed = await self.find(rec.worker)
+        if listed is None or listed.role != rec.to_role:
+            raise ActuationError("verify", rec.worker, f"router lists it as {listed.role if listed else 'absent'}")
+        after = await self._requests_by_pool(rec.to_role, exclude=rec.worker)
+        peer_reqs = sum(max(0.0, after.get(u, v) - v) for u, v in rec.peers_before.items())
+        p = miss_probability(len(rec.peers_before), peer_reqs)
+        if p < MISS_PROBABILITY:
+            raise ActuationError("verify", rec.worker, f"router sent {peer_reqs:g} requests to its {len(rec.peers_before)} "
+                                 f"{rec.to_role} peers and none to it (P = {p:.1e} under even spreading)")
+        return (f"unverified traffic: none reached it in {self.t.verify_s:g}s (peers served {peer_reqs:g}); "
+                f"it reports {rec.to_role}, healthy, listed")
+
+    # ---- failure ------------------------------------------------------------------------------------
 
     async def _fail(self, rec: FlipRecord, t0: float, why: str) -> ActionResult:
         failed_at = rec.step.value
         log.warning("flip_failed", worker=rec.worker, step=failed_at, why=why)
         await self._enter(rec, Step.ROLLBACK, f"{failed_at}: {why}")
         try:
-            await self._rollback(rec)
+            await self.rollback(rec)
         except (TimeoutError, ActuationError) as e:
             await self._enter(rec, Step.FAILED, str(e))
             self.metrics.flips.labels("failed", rec.to_role).inc()
-            detail = f"failed at {failed_at}: {why}; rollback failed: {e}; worker left out of the router"
+            detail = (f"failed at {failed_at}: {why}; rollback failed: {e}; worker left out of the router "
+                      "(the reconciler keeps trying)")
             return ActionResult("flip", rec.worker, ok=False, reason=rec.reason, detail=detail,
-                                steps=tuple(rec.history), duration_s=self.clock() - t0)
+                                steps=tuple(rec.history), duration_s=self.clock() - t0, outcome=Outcome.FAILED,
+                                why=f"failed_at_{failed_at}")
         await self._enter(rec, Step.ROLLED_BACK)
         self.metrics.flips.labels("rolled_back", rec.to_role).inc()
         return ActionResult("flip", rec.worker, ok=False, reason=rec.reason,
                             detail=f"failed at {failed_at}: {why}; rolled back to {rec.from_role}",
-                            steps=tuple(rec.history), duration_s=self.clock() - t0)
+                            steps=tuple(rec.history), duration_s=self.clock() - t0, outcome=Outcome.ROLLED_BACK,
+                            why=f"failed_at_{failed_at}")
 
-    async def _rollback(self, rec: FlipRecord) -> None:
-        """Back to the last good state: serving `from_role` in the from-pool."""
-        url = rec.worker
-        listed = await self.router.find(url)
-        if listed is not None and listed.role == rec.from_role and listed.healthy:
-            return  # never left (failed while deregistering)
-        if listed is not None:
-            await self.router.remove(url, self.t.register_s)
-        role = await self.switcher.current_role(url)
-        if role != rec.from_role:
-            await self._wait_idle(url)
-            await self.switcher.switch(url, rec.from_role, self.t.switch_s)
-        await self.router.add(url, rec.from_role, self._port_for(url, rec.bootstrap_port), self.t.register_s)
+    async def rollback(self, rec: FlipRecord) -> None:
+        """Back to the last good state, serving `from_role` in the from-pool, and check it: never assume."""
+        url, want = rec.worker, rec.from_role
+        port = self.port_for(url, rec.bootstrap_port)
+        actual = await self.switcher.current_role(url)
+        if actual != want:
+            listed = await self.find(url)
+            if listed is not None:
+                await self.deregister(url)  # no new request for a worker about to change role again
+            if actual is not None:
+                await self._wait_idle(url)  # what it took in the new role finishes first
+                await self.switcher.switch(url, want, self.t.switch_s)
+            else:
+                # down or unhealthy: nothing to drain; only a restart (its agent) can bring it back
+                await self.switcher.restart(url, want, self.t.switch_s)
+        await self.register(url, want, port)
+        actual = await self.switcher.current_role(url)
+        listed = await self.find(url)
+        if actual != want or listed is None or listed.role != want:
+            raise ActuationError("rollback", url, f"it serves {actual or 'nothing (unhealthy)'} and the router lists it "
+                                 f"as {listed.role if listed else 'absent'}, wanted {want}")
+
+    async def _settle(self, url: str) -> Role | None:
+        """Recovery: a worker caught mid-switch answers again within `settle_s`, or it is down."""
+        deadline = self.clock() + self.t.settle_s
+        while (role := await self.switcher.current_role(url)) is None and self.clock() < deadline:
+            await self.sleep(self.t.poll_s)
+        return role
 
     async def recover(self) -> list[ActionResult]:
-        """After a restart: finish flips whose worker already serves the new role, roll back the rest."""
+        """After a restart: finish flips whose worker already serves the new role, roll back the rest.
+
+        Flips journaled FAILED are not in flight: the reconciler repairs those."""
         results = []
-        for rec in list(self.journal.records.values()):
+        for rec in list(self.in_flight.values()):
             t0 = self.clock()
             log.info("flip_recover", worker=rec.worker, step=rec.step.value, to_role=rec.to_role)
+            self.active.add(rec.worker)
             try:
-                role = await self.switcher.current_role(rec.worker)
+                role = await self._settle(rec.worker) if rec.step in SWITCHED else \
+                    await self.switcher.current_role(rec.worker)
                 if rec.step in SWITCHED and role == rec.to_role:
                     await self._enter(rec, Step.REGISTER, "resumed after restart")
                     await self._forward(rec, Step.REGISTER)
                     self.metrics.flips.labels("ok", rec.to_role).inc()
                     results.append(ActionResult("flip", rec.worker, ok=True, reason=rec.reason,
-                                                detail="finished after restart", steps=tuple(rec.history)))
+                                                detail="finished after restart", steps=tuple(rec.history),
+                                                outcome=Outcome.DONE))
                 else:
-                    raise ActuationError("recover", rec.worker, f"interrupted at {rec.step.value} (serves {role})")
+                    raise ActuationError("recover", rec.worker, f"interrupted at {rec.step.value} "
+                                         f"(serves {role or 'nothing'})")
             except (TimeoutError, ActuationError) as e:
                 results.append(await self._fail(rec, t0, str(e)))
             finally:
-                self.journal.drop(rec.worker)
+                self.active.discard(rec.worker)
+                if rec.step is not Step.FAILED:
+                    self.journal.drop(rec.worker)
         return results
 
     async def drain_out(self, url: str) -> None:
         """Scale-down: deregister, then wait idle (the same drain as a flip)."""
-        await self.router.remove(url, self.t.register_s)
+        await self.deregister(url)
         await self._wait_idle(url)
 
 
-__all__ = ["DrainedFlipper", "FlipGuard", "FlipRecord", "FlipTimeouts", "Journal", "Step", "other_role"]
+__all__ = ["DrainedFlipper", "FlipGuard", "FlipRecord", "FlipTimeouts", "Journal", "Step", "miss_probability",
+           "other_role"]

@@ -31,6 +31,21 @@ class ActuatorMetrics:
             registry=reg,
         )
 
+        self.reconcile_attempts = Counter(
+            "pdc_reconcile_attempts",
+            "Reconciler repair attempts (register, reregister, deregister, restart, probe) by result",
+            ["action", "result"], registry=reg,
+        )
+        self.reconcile_passes = Counter(
+            "pdc_reconcile_passes",
+            "Reconciler passes by result (consistent, repaired, inconsistent, router_unreachable, error)",
+            ["result"], registry=reg,
+        )
+        self.reconcile_workers = Gauge(
+            "pdc_reconcile_workers", "Workers by reconciled state (consistent, repairing, failed, spare)", ["state"],
+            registry=reg,
+        )
+
     def call(self, actuator: str, op: str, result: str) -> None:
         self.calls.labels(actuator, op, result).inc()
 

@@ -82,6 +82,15 @@ class WorkerClient:
 
         return await self.retrier.call("metrics", url, call)
 
+    async def requests(self, url: str) -> float:
+        """Requests this worker has served (`sglang:num_requests_total`): a count, for the verify evidence."""
+
+        async def call() -> float:
+            _, body = await self.http.request("GET", f"{url}/metrics", op="metrics", target=url, refusal=WorkerError)
+            return counter_total(body if isinstance(body, str) else "", ("sglang:num_requests_total",))
+
+        return await self.retrier.call("metrics", url, call)
+
     async def role_switch(self, url: str, to_role: Role, timeout_s: float | None = None) -> str:
         """SGLang's in-place switch. Same role = no-op success; "not idle" and failures raise WorkerError.
 

@@ -22,6 +22,7 @@ class W:
     switch_fails: bool = False  # rebuild fails: success=false and the worker goes unhealthy
     switch_refuses: bool = False  # success=false, stays healthy in its old role
     switch_calls: int = 0
+    dead: bool = False  # the process is gone: every endpoint fails (answered 503 here; transient either way)
 
 
 @dataclass
@@ -33,6 +34,14 @@ class ContractFleet:
     add_ignored: bool = False  # accept POST /workers but never list the worker
     calls: list[str] = field(default_factory=list)
     frozen: set[str] = field(default_factory=set)  # workers whose request counters never move
+    traffic_per_scrape: float = 1.0  # requests a listed worker serves between two scrapes of its counters
+    initial: dict[str, tuple[str, str, int | None]] = field(default_factory=dict)  # registry at router start
+
+    def restart_router(self, down_calls: int = 0) -> None:
+        """The router restarts with its start-up arguments: it lists the start-up workers in their start-up
+        roles (whatever they serve now), after answering `down_calls` calls with 503."""
+        self.registry = {f"id-{uuid.uuid4().hex[:8]}": v for v in self.initial.values()}
+        self.router_5xx = down_calls
 
     def url(self, key: str) -> str:
         return f"{self.base}/w/{key}"
@@ -87,7 +96,10 @@ class ContractFleet:
         return web.json_response({"status": "accepted"}, status=202)
 
     def _w(self, req: web.Request) -> W:
-        return self.workers[req.match_info["k"]]
+        w = self.workers[req.match_info["k"]]
+        if w.dead:
+            raise web.HTTPServiceUnavailable(text="connection refused (emulated: the process is gone)")
+        return w
 
     async def health(self, req: web.Request) -> web.Response:
         return web.Response(status=200 if self._w(req).healthy else 503)
@@ -108,7 +120,7 @@ class ContractFleet:
         # every scrape after registration sees one more request if the worker is in the router
         listed = any(u.endswith("/" + req.match_info["k"]) for u, _, _ in self.registry.values())
         if listed and req.match_info["k"] not in self.frozen:
-            w.served += 1
+            w.served += self.traffic_per_scrape
         return web.Response(text=f"# TYPE sglang:num_requests counter\nsglang:num_requests_total {w.served}\n")
 
     async def switch(self, req: web.Request) -> web.Response:

@@ -35,13 +35,14 @@ async def fleet():
     for key, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode"), ("d1", "decode")):
         f.workers[key] = W(role)
         f.registry[f"id-{key}"] = (f.url(key), role, 9000 if role == "prefill" else None)
+    f.initial = dict(f.registry)
     yield f
     await runner.cleanup()
 
 
 def make(f: ContractFleet, registry, tmp_path=None, **kw) -> RouterActuator:
     cfg = dict(
-        kind="router", router_url=f.base + "/router", drain_timeout_s=2.0, switch_timeout_s=2.0,
+        kind="router", router_url=f.base + "/router", reconcile_interval_s=0, drain_timeout_s=2.0, switch_timeout_s=2.0,
         register_timeout_s=2.0, verify_timeout_s=1.0, poll_interval_s=0.01, backoff_initial_s=0.001,
         backoff_max_s=0.01, retries=3,
         bootstrap_ports={f.url("d0"): 9100, f.url("d1"): 9101},
@@ -154,8 +155,10 @@ async def test_drain_timeout_rolls_back(fleet, registry):
 
 
 async def test_verify_failure_when_peers_get_traffic(fleet, registry):
-    # the router lists it but never sends it traffic: scrapes of d1 do not grow while its new peers' do
+    # the router lists it but never sends it traffic: scrapes of d1 do not grow while its new peers serve
+    # 20 requests each between scrapes: even spreading would have missed it with P = (2/3)^40 ~ 1e-7
     fleet.frozen = {"d1"}
+    fleet.traffic_per_scrape = 20
     act = make(fleet, registry, verify_timeout_s=0.05)
     try:
         res = await act.flip(fleet.url("d1"), "prefill", "r")
