@@ -30,7 +30,17 @@ import pytest
 import zmq
 
 from controller.emulator.fleet import EmulatedFleet
-from router_plugin.wire import ENDPOINTS, FLAG_STREAMED, HEADER, RECORD, decode_header
+from router_plugin.wire import (
+    ARRIVAL,
+    ENDPOINTS,
+    FLAG_ESTIMATED,
+    FLAG_STREAMED,
+    HEADER,
+    KIND_ARRIVAL,
+    RECORD_V2,
+    decode_header,
+    frame_kind,
+)
 from tests.e2e._tap_procs import TapProc
 
 pytestmark = pytest.mark.e2e
@@ -66,7 +76,11 @@ def stack(tmp_path_factory):
             tap.stop()
 
 
+ARRIVED: list[tuple] = []  # arrival records drained so far (drain() keeps them here)
+
+
 def drain(sub) -> list[tuple]:
+    """Completion records (the 10 fields of wire v1, then the request id); arrivals go to ARRIVED."""
     out = []
     while True:
         try:
@@ -74,7 +88,12 @@ def drain(sub) -> list[tuple]:
         except zmq.Again:
             return out
         _v, rsize, count, _src, _seq = decode_header(frame)
-        out += [RECORD.unpack_from(frame, HEADER.size + i * rsize) for i in range(count)]
+        rec = ARRIVAL if frame_kind(frame) == KIND_ARRIVAL else RECORD_V2
+        got = [rec.unpack_from(frame, HEADER.size + i * rsize) for i in range(count)]
+        if rec is ARRIVAL:
+            ARRIVED.extend(got)
+        else:
+            out += got
 
 
 def wait_records(sub, n: int) -> list[tuple]:
@@ -118,12 +137,19 @@ async def test_bytes_identical_with_and_without_tap(stack, path, stream):
     assert norm(via, path) == norm(direct, path)
     if stream and path != "/generate":
         assert b'"usage"' not in via  # the chunk the tap asked for is gone
+    ARRIVED.clear()
     (rec,) = wait_records(sub, 1)
-    _arr, inp, cached, out, ttft, _tpot, e2e, status, ep, flags = rec
+    arr_s, inp, cached, out, ttft, _tpot, e2e, status, ep, flags, rid = rec
     assert (status, ep, bool(flags & FLAG_STREAMED)) == (200, ENDPOINTS[path], stream)
     assert inp > 0 and out == 6 and cached <= inp and e2e > 0
     if stream:
         assert 0 < ttft <= e2e
+    # the arrival came first, with the same request id, the request's max_tokens and its model
+    (a,) = [x for x in ARRIVED if x[1] == rid]
+    a_s, _rid, a_inp, max_tokens, a_ep, a_flags, _res, model = a
+    assert a_s == arr_s and a_ep == ep and max_tokens == 6 and bool(a_flags & FLAG_STREAMED) == stream
+    assert a_flags & FLAG_ESTIMATED and a_inp > 0  # text prompts: estimated from bytes
+    assert model.rstrip(b"\0") == (b"" if path == "/generate" else b"m")
 
 
 async def test_client_usage_request_is_honoured(stack):
@@ -170,16 +196,78 @@ async def test_openai_client_sees_the_same_through_the_tap(stack, stream):
         assert all(c.get("usage") is None for chunks in out for c in chunks)
 
 
-async def test_other_router_paths_pass_through(stack):
+async def test_exact_token_ids_are_counted_at_arrival(stack):
+    _fleet, tap, sub = stack
+    time.sleep(0.1)  # let the previous tests' events come in, and forget them
+    drain(sub)
+    ARRIVED.clear()
+    body = {"input_ids": list(range(100, 137)), "sampling_params": {"max_new_tokens": 4}, "rid": f"ids-{next(_n)}"}
+    async with aiohttp.ClientSession() as s, s.post(tap.url + "/generate", json=body) as r:
+        assert r.status == 200
+    (rec,) = wait_records(sub, 1)
+    (a,) = [x for x in ARRIVED if x[1] == rec[10]]
+    assert a[2] == 37 and not a[5] & FLAG_ESTIMATED and a[3] == 4
+
+
+async def test_router_admin_api_is_not_reachable_through_the_tap(stack):
+    """Issue 13: `DELETE /workers` sent to the tap removed every worker from the real router."""
     fleet, tap, _sub = stack
     async with aiohttp.ClientSession() as s:
         async with s.get(fleet.router_url + "/workers") as r:
-            direct = json.loads(await r.read())
-        async with s.get(tap.url + "/workers") as r:
-            via = json.loads(await r.read())
+            before = json.loads(await r.read())
+        for w in before["workers"]:
+            for method, path in (("DELETE", f"/workers/{w.get('id', 'x')}"), ("DELETE", "/workers"),
+                                 ("POST", f"/remove_worker?url={w['url']}")):
+                async with s.request(method, tap.url + path, json={"url": w["url"]}) as r:
+                    assert r.status == 404, (method, path)
+        async with s.post(tap.url + "/workers", json={"url": "http://127.0.0.1:9", "worker_type": "decode"}) as r:
+            assert r.status == 404
+        for path in ("/workers", "/flush_cache", "/get_server_info"):
+            async with s.get(tap.url + path) as r:
+                assert r.status == 404
         async with s.get(tap.url + "/health") as r:
             assert r.status == 200
-    assert {w["url"] for w in via["workers"]} == {w["url"] for w in direct["workers"]}
+        async with s.get(tap.url + "/v1/models") as r, s.get(fleet.router_url + "/v1/models") as r2:
+            assert (r.status, await r.read()) == (r2.status, await r2.read())
+        async with s.get(fleet.router_url + "/workers") as r:
+            after = json.loads(await r.read())
+    assert {w["url"] for w in after["workers"]} == {w["url"] for w in before["workers"]}
+
+
+def _deep(n: int) -> bytes:
+    return b'{"model": "m", "max_tokens": 2, "prompt": "x", "extra": ' + b"[" * n + b"]" * n + b"}"
+
+
+# bodies the tap used to parse and re-serialise (500 where the router says 400, 200 where it says 422)
+ODD_BODIES = [
+    ("/v1/completions", _deep(100_000)),
+    ("/v1/chat/completions", _deep(100_000)),
+    ("/v1/chat/completions",
+     b'{"model": "m", "max_tokens": 2, "stream": true, "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    ("/v1/completions", b'{"model": "m", "max_tokens": 2, "stream": true, "prompt": "a \\udfff b"}'),
+    ("/v1/completions", b'{"model": "m", "max_tokens": 2, "prompt": "a", "prompt": "b", "stream": true}'),
+    ("/v1/chat/completions", b'{"model": "m", "max_tokens": 2, "messages": [], "messages": '
+                             b'[{"role": "user", "content": "hi"}], "stream": true}'),
+    ("/generate", b'{"text": "a", "text": "b", "sampling_params": {"max_new_tokens": 2}}'),
+    ("/generate", b'{"text": "\\ud800", "stream": true, "sampling_params": {"max_new_tokens": 2}}'),
+    ("/v1/completions", b'{"model": "m", "prompt": "x", "max_tokens": 2, "stream": true, "stream": false}'),
+    ("/v1/completions", b'\xff\xfe not json'),
+]
+
+
+@pytest.mark.parametrize(("path", "raw"), ODD_BODIES, ids=range(len(ODD_BODIES)))
+async def test_odd_bodies_get_what_the_router_answers(stack, path, raw):
+    """Issue 13: nested JSON, a lone surrogate with stream: true, duplicate keys: same status as the router."""
+    fleet, tap, _sub = stack
+    hdr = {"Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(fleet.router_url + path, data=raw, headers=hdr) as r:
+            direct = (r.status, await r.read())
+        async with s.post(tap.url + path, data=raw, headers=hdr) as r:
+            via = (r.status, await r.read())
+    assert via[0] == direct[0], (via, direct)
+    if direct[0] != 200:  # an error answer is the router's own, byte for byte
+        assert via[1] == direct[1]
 
 
 async def test_tap_serves_concurrent_mixed_load(stack):

@@ -18,8 +18,17 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from router_plugin.tap import Publisher, StreamMeter, Tap
-from router_plugin.wire import ENDPOINTS, FLAG_STREAMED, HEADER, RECORD, decode_header
+from router_plugin.tap import Limits, Publisher, StreamMeter, Tap, start_server
+from router_plugin.wire import (
+    ARRIVAL,
+    ENDPOINTS,
+    FLAG_STREAMED,
+    HEADER,
+    KIND_ARRIVAL,
+    RECORD_V2,
+    decode_header,
+    frame_kind,
+)
 
 SEEN = web.AppKey("seen", list)
 HEADERS = web.AppKey("headers", list)
@@ -68,6 +77,7 @@ async def echo_headers(request: web.Request) -> web.Response:
 
 
 async def other_handler(request: web.Request) -> web.Response:
+    request.app[SEEN].append((request.path, request.method))
     return web.Response(body=b"\x00raw-bytes" + request.query_string.encode(), status=203, headers={"X-Up": "1"})
 
 
@@ -97,27 +107,38 @@ async def tap_server(upstream):
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")
     sub.connect(pub.endpoint)
-    tap = Tap(url, pub)
-    runner = web.AppRunner(tap.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    # /echo-headers is not serving API: it is forwarded only because it is allow-listed here
+    tap = Tap(url, pub, limits=Limits(allow_paths=("/echo-headers",)))
+    server = await start_server(tap, "127.0.0.1", 0)
     await asyncio.sleep(0.2)  # ZeroMQ slow joiner: let SUB connect before events flow
-    yield f"http://127.0.0.1:{port}", url, tap, sub, upapp
-    await runner.cleanup()
+    yield f"http://127.0.0.1:{server.port}", url, tap, sub, upapp
+    await server.close()
     sub.close(linger=0)
     ctx.term()
 
 
-async def _records(sub, n: int) -> list[tuple]:
+
+
+async def _events(sub, n: int) -> tuple[list[tuple], list[tuple]]:
+    """(arrivals, completions) until n completions have come; completion tuples end with the request id."""
+    arrivals: list[tuple] = []
     out: list[tuple] = []
     while len(out) < n:
         frame = await asyncio.wait_for(sub.recv(), 5)
         version, rsize, count, source, _seq = decode_header(frame)
-        assert (version, rsize, source) == (1, RECORD.size, "tap-test")
-        out += [RECORD.unpack_from(frame, HEADER.size + i * rsize) for i in range(count)]
-    return out
+        assert (version, source) == (2, "tap-test")
+        if frame_kind(frame) == KIND_ARRIVAL:
+            assert rsize == ARRIVAL.size
+            arrivals += [ARRIVAL.unpack_from(frame, HEADER.size + i * rsize) for i in range(count)]
+        else:
+            assert rsize == RECORD_V2.size
+            out += [RECORD_V2.unpack_from(frame, HEADER.size + i * rsize) for i in range(count)]
+    return arrivals, out
+
+
+async def _records(sub, n: int) -> list[tuple]:
+    """Completion records as the 10 fields both wire versions share."""
+    return [r[:10] for r in (await _events(sub, n))[1]]
 
 
 @pytest.mark.parametrize("path", list(ENDPOINTS))
@@ -161,34 +182,65 @@ async def test_client_that_asked_for_usage_keeps_it(tap_server):
     assert rec[1:4] == (7, 2, 3)
 
 
-async def test_other_paths_pass_through(tap_server):
-    tap_url, _up_url, tap, _sub, _ = tap_server
+async def test_read_only_serving_paths_pass_through(tap_server):
+    tap_url, _up_url, tap, _sub, upapp = tap_server
     async with aiohttp.ClientSession() as s:
-        async with s.get(tap_url + "/workers?x=1") as r:
-            assert r.status == 203 and r.headers["X-Up"] == "1"
-            assert await r.read() == b"\x00raw-bytesx=1"
+        for path in ("/v1/models?x=1", "/v1/models/m?x=1", "/health?x=1", "/health_generate?x=1"):
+            async with s.get(tap_url + path) as r:
+                assert r.status == 203 and r.headers["X-Up"] == "1"
+                assert await r.read() == b"\x00raw-bytesx=1"
         async with s.get(tap_url + "/tap/metrics") as r:
             text = await r.text()
     assert 'pdtap_events_dropped_total{reason="hwm"} 0' in text
-    assert tap.publisher.published == 0
+    assert tap.publisher.published == 0 and len(upapp[SEEN]) == 4
 
 
-async def test_router_down_gives_502_and_event(registry):
+@pytest.mark.parametrize("method", ["GET", "POST", "DELETE", "PUT", "PATCH"])
+@pytest.mark.parametrize("path", ["/workers", "/workers/abc", "/flush_cache", "/add_worker?url=http://x",
+                                  "/remove_worker?url=http://x", "/list_workers", "/v1/rl/workers/1/engine/x",
+                                  "/get_server_info", "/metrics", "/v1/models"])
+async def test_admin_api_is_never_forwarded(tap_server, method, path):
+    """Issue 13: `DELETE /workers` through the tap removed every worker. Now the router never sees it."""
+    tap_url, _up_url, tap, _sub, upapp = tap_server
+    if path == "/v1/models" and method == "GET":
+        return  # serving API
+    async with aiohttp.ClientSession() as s, s.request(method, tap_url + path, json={"url": "http://evil:1"}) as r:
+        assert r.status == 404
+        assert "not forwarded" in await r.text()
+    assert upapp[SEEN] == []
+    assert tap.refused["not_forwarded"] == 1
+
+
+async def test_allow_path_forwards_exactly_what_it_names(upstream):
+    url, upapp = upstream
+    tap = Tap(url, Publisher(None, "x"), limits=Limits(allow_paths=("/get_server_info", "/v1/files/*")))
+    server = await start_server(tap, "127.0.0.1", 0)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path, want in (("/get_server_info", 203), ("/v1/files/a/b", 203), ("/get_server_info/x", 404),
+                               ("/workers", 404)):
+                async with s.post(base + path) as r:
+                    assert r.status == want, path
+        assert [p for p, _m in upapp[SEEN]] == ["/get_server_info", "/v1/files/a/b"]
+    finally:
+        await server.close()
+
+
+async def test_router_down_gives_502_after_bounded_retries_and_event(registry):
     ctx = zmq.Context()
     pub = Publisher(None, "x", ctx=ctx)
-    tap = Tap("http://127.0.0.1:9", pub)  # discard port: nothing listens
-    runner = web.AppRunner(tap.app())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    tap = Tap("http://127.0.0.1:9", pub, limits=Limits(connect_retry_s=0.3))  # discard port: nothing listens
+    server = await start_server(tap, "127.0.0.1", 0)
     try:
-        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{port}/generate", json={}) as r:
+        async with aiohttp.ClientSession() as s, s.post(f"http://127.0.0.1:{server.port}/generate", json={}) as r:
             assert r.status == 502
         pub.flush()
-        assert pub.dropped["no_socket"] == 1
+        assert pub.dropped["no_socket"] == 2  # the arrival and the completion
+        assert tap.connect_retries >= 2 and tap.unreachable == 1
+        assert "pdtap_router_unreachable_total 1" in tap.metrics_text()
     finally:
-        await runner.cleanup()
+        await server.close()
         ctx.term()
 
 
@@ -196,7 +248,7 @@ def test_publisher_never_blocks_and_counts_hwm_drops():
     """A PUB with no subscriber and a tiny HWM: sends never block; what cannot go is counted."""
     ctx = zmq.Context()
     pub = Publisher("tcp://127.0.0.1:0", "s", ctx=ctx, sndhwm=1, max_batch=2, max_pending=10)
-    rec = struct.pack("<dIIIfffHBB", 1.0, 1, 0, 1, 0.1, 0.01, 0.2, 200, 1, 0)
+    rec = struct.pack("<dIIIfffHBBQ", 1.0, 1, 0, 1, 0.1, 0.01, 0.2, 200, 1, 0, 7)
     for _ in range(15):
         pub.add(rec)
     assert pub.dropped["buffer_full"] == 5 and len(pub.pending) == 10

@@ -19,7 +19,15 @@ from controller.telemetry.frames import FrameError, decode_frame
 from controller.telemetry.hub import TelemetryHub
 from controller.telemetry.zmq_source import ZmqSource
 from router_plugin.tap import Publisher
-from router_plugin.wire import HEADER, MAGIC, RECORD, RequestEvent, encode_frame
+from router_plugin.wire import (
+    FLAG_STREAMED,
+    FLAG_SYNTHETIC,
+    HEADER,
+    MAGIC,
+    RECORD,
+    RequestEvent,
+    encode_frame,
+)
 
 NOW = 1_800_000_000.0
 
@@ -84,7 +92,10 @@ def test_bad_frames_rejected_by_reason(frame, reason):
         (ev(ttft_s=-0.5), "negative"),
         (ev(tpot_s=-1.0), "negative"),
         (ev(input_tokens=10, cached_tokens=11), "absurd"),
-        (ev(output_tokens=2**31), "absurd"),
+        (ev(output_tokens=2**31), "too_long"),
+        (ev(flags=FLAG_SYNTHETIC), "reserved_flags"),
+        (ev(flags=0x80 | FLAG_STREAMED), "reserved_flags"),
+        (ev(arrival_s=NOW - 1000, e2e_s=1.0), "clock_skew"),
         (ev(e2e_s=1e6), "absurd"),
         (ev(ttft_s=5.0, e2e_s=1.0), "absurd"),
         (ev(arrival_s=NOW + 3600), "clock_skew"),
@@ -136,7 +147,7 @@ async def test_zmq_source_ingests_from_two_taps_and_survives_garbage(registry):
         await asyncio.sleep(0.3)
         for t in taps:
             for _ in range(10):
-                t.add(ev(arrival_s=time.time()).pack())
+                t.add(ev(arrival_s=time.time()).pack_v2())
             t.flush()
         rogue.send(b"\x00" * 10)
         rogue.send(b"PD" + bytes(40))
