@@ -174,6 +174,7 @@ class ControlConfig(_Section):
     rise_quantile: float = Field(0.9, ge=0, lt=1)
     rise_history: int = Field(120, ge=1)
     rise_min_samples: int = Field(10, ge=1)
+    prefill_pooled: bool = Field(True, description="least-load routing: the prefill pool is one M/G/c queue")
     decode_margin_z: float = Field(1.0, ge=0)
     burst_bin_s: float = Field(10.0, gt=0)
     burst_quantile: float = Field(0.9, ge=0, lt=1)
@@ -181,6 +182,11 @@ class ControlConfig(_Section):
     calibration_alpha: float = Field(0.1, gt=0, le=1)
     calibration_max_step: float = Field(0.05, gt=0)
     calibration_bounds: tuple[float, float] = (0.5, 2.0)
+    miss_allowance: float = Field(0.01, gt=0, lt=1, description="share of requests a TPOT objective may miss")
+    feedback_gain: float = Field(0.2, ge=0, description="tail feedback: log-headroom per window of burn rate 2")
+    feedback_decay_s: float = Field(600.0, gt=0)
+    feedback_max: float = Field(1.5, ge=1)
+    regrow_hold_factor: float = Field(1.0, ge=0, description="scale-down holds the peak load of this many regrow times")
 
     @model_validator(mode="after")
     def _check(self) -> ControlConfig:

@@ -105,6 +105,24 @@ def update_prefill(
                    prefill_fits=st.prefill_fits + 1)
 
 
+def update_prefill_busy(
+    st: CalibrationState, rate_rps: float, serving: int, busy_fraction: float, svc: ServiceTime, p: ControlParams,
+) -> CalibrationState:
+    """Fit the service scale from the measured busy time: E[S]_observed = busy x N / lambda.
+
+    Busy time is a direct measurement of service, unconfounded by how the
+    router spreads requests across instances (pooled least-load routing
+    queues far less than N separate M/G/1 queues, so a fit of the mean
+    sojourn would pull the service time below the profile and turn the tail
+    model optimistic when N falls). Only between 5 % and 90 % busy: near idle
+    the ratio is noise, near saturation the busy share stops growing with load.
+    """
+    if not p.calibrate or not (0.05 <= busy_fraction <= 0.9) or rate_rps <= 0 or serving <= 0 or svc.mean_s <= 0:
+        return st
+    fit = busy_fraction * serving / (rate_rps * svc.mean_s)
+    return replace(st, prefill_scale=bounded_step(st.prefill_scale, fit, p), prefill_fits=st.prefill_fits + 1)
+
+
 def update_decode(st: CalibrationState, profile_tpot_ms: float, observed_tpot_ms: float, p: ControlParams) -> CalibrationState:
     if not (profile_tpot_ms > 0 and observed_tpot_ms > 0):
         return st

@@ -27,6 +27,7 @@ import numpy as np
 from controller.core.control.params import ControlSpec
 from controller.core.control.types import ModelTarget
 from controller.core.decode import DecodeProfile
+from controller.core.pooled import pooled_max_rate_rps, pooled_need, pooled_ttft_s
 from controller.core.prefill import PrefillCurve
 from controller.core.sizing import (
     Deployment,
@@ -133,18 +134,33 @@ def model_target(
     prefill_scale: float = 1.0,
     tpot_scale: float = 1.0,
     decode_rate_rps: float | None = None,
+    at: tuple[int, int] | None = None,
 ) -> ModelTarget:
     """Pool sizes for `rate_rps` of this shape. Raises InfeasibleError if no instance meets the objectives."""
     shape = workload_shape(input_len_mean, output_len_mean, cache_hit_rate, input_samples)
     ks = (_q(prefill_scale, 50), _q(tpot_scale, 50))  # ~1.4% grid: memo hits while calibration drifts
     cap, decode_rate, b_target = _capacity(spec, shape, ks)
-    n_p = rate_rps / cap.prefill_rate_rps
+    q = spec.hardware.queueing
+    obj = spec.objectives
+    svc = cap.prefill_service.for_model(q.model)
+    if spec.params.prefill_pooled:
+        n_p = pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups)
+        k = max(1, math.ceil(n_p - 1e-9))
+        group = svc.scaled(float(q.dp_groups)) if q.dp_groups > 1 else svc
+        per_instance = pooled_max_rate_rps(k * q.dp_groups, group, obj.ttft_budget_s, obj.ttft_quantile) / k
+    else:
+        n_p = rate_rps / cap.prefill_rate_rps
+        per_instance = cap.prefill_rate_rps
     # decode may be sized for a higher (peak) rate than prefill: it has no queue to absorb bursts
     n_d = max(rate_rps, decode_rate_rps or 0.0) / decode_rate
     ip = max(1, math.ceil(n_p - 1e-9))
     idd = max(1, math.ceil(n_d - 1e-9))
-    # predictions at the integer fleet (rate on a ~5% grid: diagnostics only, memoized)
-    ttft, tpot = _predict(spec, shape, ks, ip, idd, _q(rate_rps, 14)) if rate_rps > 0 else (None, None)
+    # predictions at the integer fleet, or at `at` (rate on a ~5% grid: diagnostics only, memoized)
+    fp, fd = at if at is not None else (ip, idd)
+    ttft, tpot = _predict(spec, shape, ks, fp, fd, _q(rate_rps, 14)) if rate_rps > 0 else (None, None)
+    if spec.params.prefill_pooled and rate_rps > 0:
+        t = pooled_ttft_s(fp, _q(rate_rps, 14), svc, obj.overhead_s, obj.ttft_quantile, q.dp_groups)
+        ttft = t if math.isfinite(t) else None
     return ModelTarget(
         n_prefill_exact=n_p,
         n_decode_exact=n_d,
@@ -152,7 +168,7 @@ def model_target(
         n_decode=idd,
         predicted_ttft_s=ttft,
         predicted_tpot_ms=tpot,
-        prefill_rate_per_instance_rps=cap.prefill_rate_rps,
+        prefill_rate_per_instance_rps=per_instance,
         decode_rate_per_instance_rps=decode_rate,
         decode_batch_target=b_target,
     )

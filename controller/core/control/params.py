@@ -47,6 +47,9 @@ class ControlParams:
     rise_history: int = 120  # matured rise samples kept
     rise_min_samples: int = 10
     # model
+    # least-load routing pools the prefill instances into one M/G/c queue (core/pooled.py);
+    # False: N separate M/G/1 queues (round-robin routing, the source method's per-instance view)
+    prefill_pooled: bool = True
     decode_margin_z: float = 1.0  # size decode so B + z*sqrt(B) <= B* (Poisson batch fluctuation)
     burst_bin_s: float = 10.0  # decode covers the burst_quantile of the arrival rate over such bins
     burst_quantile: float = 0.9  # 0 = size decode for the mean rate only
@@ -55,6 +58,13 @@ class ControlParams:
     calibration_alpha: float = 0.1  # EMA weight of a new fit
     calibration_max_step: float = 0.05  # max relative change of a scale per tick (bounded drift)
     calibration_bounds: tuple[float, float] = (0.5, 2.0)
+    # feedback on the objective (see feedback.py): headroom on a pool's need while its tail burns
+    miss_allowance: float = 0.01  # share of requests a TPOT (or mean-TTFT) objective may miss
+    feedback_gain: float = 0.2  # log-headroom added per window of burn rate 2 (0 = off)
+    feedback_decay_s: float = 600.0  # headroom relaxes toward 1 with this time constant once the tail is met
+    feedback_max: float = 1.5
+    # safe scale-down (see safety.py): hold the peak load seen within this many regrow times
+    regrow_hold_factor: float = 1.0
 
     def __post_init__(self) -> None:
         pos = ("tick_period_s", "window_s", "max_age_s", "level_tau_s", "trend_tau_s", "season_period_s", "season_bucket_s")
@@ -78,6 +88,14 @@ class ControlParams:
             raise ModelInputError("max_flips_in_flight", self.max_flips_in_flight, "limits must be non-negative (scale step >= 1)")
         if self.mode is Mode.FIXED and self.gpus is None:
             raise ModelInputError("gpus", None, "fixed-budget mode needs a GPU budget")
+        if not (0 < self.miss_allowance < 1):
+            raise ModelInputError("miss_allowance", self.miss_allowance, "must be in (0, 1), e.g. 0.01")
+        if not (self.feedback_gain >= 0 and self.feedback_decay_s > 0 and self.feedback_max >= 1):
+            raise ModelInputError("feedback_gain", self.feedback_gain,
+                                  f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
+                                  f"feedback_max >= 1 (got {self.feedback_max})")
+        if not (self.regrow_hold_factor >= 0 and math.isfinite(self.regrow_hold_factor)):
+            raise ModelInputError("regrow_hold_factor", self.regrow_hold_factor, "must be a non-negative number")
         c_lo, c_hi = self.calibration_bounds
         if not (0 < c_lo <= 1 <= c_hi):
             raise ModelInputError("calibration_bounds", self.calibration_bounds, "need 0 < low <= 1 <= high")
@@ -94,6 +112,11 @@ class ControlParams:
     @property
     def history_s(self) -> float:
         return max(self.window_s, self.stabilization_up_s, self.stabilization_down_s)
+
+    @property
+    def regrow_hold_s(self) -> float:
+        """How far back the peak load is held before a pool may shrink: the cost of being wrong is a regrow."""
+        return max(self.stabilization_down_s, self.regrow_hold_factor * self.lead_s)
 
 
 @dataclass(frozen=True)

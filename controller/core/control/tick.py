@@ -13,17 +13,32 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from controller.core.control import stages
-from controller.core.control.calibration import CalibrationState, update_decode, update_prefill
+from controller.core.control.calibration import (
+    CalibrationState,
+    update_decode,
+    update_prefill,
+    update_prefill_busy,
+)
 from controller.core.control.estimators import EventWindow, estimate, input_quantiles, thinned
+from controller.core.control.feedback import Burn, FeedbackState, breaching, measure_burn, update_feedback
 from controller.core.control.forecast import ForecastState, forecast, update
 from controller.core.control.model import Shape, model_target, sticky_shape, workload_shape
 from controller.core.control.params import ControlSpec, Mode
+from controller.core.control.safety import (
+    FleetHistory,
+    RateHist,
+    consolidation_ok,
+    held_rate,
+    record_rate,
+    safe_down_floor,
+)
 from controller.core.control.types import (
     Action,
     ActionKind,
     Decision,
     Diagnostics,
     Estimates,
+    FeedbackView,
     FleetView,
     Forecast,
     ModelTarget,
@@ -46,10 +61,10 @@ class ControllerState:
     recs_prefill: stages.Recs = ()
     recs_decode: stages.Recs = ()
     recs_split: stages.Recs = ()
-    flip_times: tuple[float, ...] = ()
-    last_flip_dir: int = 0  # +1 toward prefill, -1 toward decode
-    last_flip_s: float = -math.inf
-    last_change_s: float = -math.inf  # last time the fleet's membership changed (for calibration)
+    # what the fleet was observed to do (flip starts, membership changes): never the proposals
+    history: FleetHistory = field(default_factory=FleetHistory)
+    feedback: FeedbackState = field(default_factory=FeedbackState)
+    rates: RateHist = ()  # observed load, held for safe scale-down
     last_estimates: Estimates | None = None
     shape: Shape | None = None  # workload shape the capacity was last computed for (sticky)
     ticks: int = 0
@@ -63,6 +78,19 @@ class TickResult:
 
 
 ResultFn = Callable[[list[Action], ControllerState, ModelTarget | None, int | None, int | None], TickResult]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the decision stages read besides the target: observed history, burn and pool gauges."""
+
+    history: FleetHistory
+    burn: Burn | None
+    prefill_busy: float | None  # observed utilisation, for the consolidation check
+    decode_batch: float | None
+    prefill_util_target: float | None  # the model's per-instance utilisation at the objective
+    held_prefill_need: float  # instances the peak load held over the regrow time needs (model, no headroom)
+    held_decode_need: float
 
 
 def initial_state(cfg: ControlSpec, now: float) -> ControllerState:
@@ -98,12 +126,22 @@ def _calibrate(
     t0 = now - p.window_s
     w = win.since(t0)
     if stable and len(w) >= p.min_samples and fleet.serving_prefill > 0 and samples:
-        svc = service_time(cfg.hardware.profile.prefill, samples, est.cache_hit_rate)
-        svc = cfg.hardware.queueing.group_service(svc)
+        raw = service_time(cfg.hardware.profile.prefill, samples, est.cache_hit_rate)
+        svc = cfg.hardware.queueing.group_service(raw)
         per_q = est.arrival_rate_rps / fleet.serving_prefill / cfg.hardware.queueing.dp_groups
         observed = float(np.mean(w.ttft_s)) - cfg.objectives.overhead_s
-        if per_q > 0 and observed > 0:
+        busy = obs.stats.prefill_busy_fraction
+        if busy is not None:
+            # the measured busy time fits the service scale; the mean model only reports its error
+            st = update_prefill(st, per_q, svc, observed, replace(p, calibrate=False)) if per_q > 0 and observed > 0 else st
+            st = update_prefill_busy(st, est.arrival_rate_rps, fleet.serving_prefill, busy, raw, p)
+        elif per_q > 0 and observed > 0:
+            # no busy gauge: fit the mean sojourn of N separate queues. With N > 1 and pooled
+            # routing that fit is biased toward a faster service, so it may only slow the profile down.
+            before = st.prefill_scale
             st = update_prefill(st, per_q, svc, observed, p)
+            if fleet.serving_prefill > 1 and st.prefill_scale < min(before, 1.0):
+                st = replace(st, prefill_scale=min(before, 1.0))
     curve = cfg.hardware.profile.decode_curve
     b, t = obs.stats.decode_running_mean, obs.stats.decode_tpot_ms_mean
     if curve is not None and b is not None and t is not None and b >= 1 and not math.isnan(est.input_len_mean):
@@ -118,6 +156,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     decisions: list[Decision] = []
 
     # --- observe -------------------------------------------------------------------------
+    history = state.history.observe(fleet, now)
     window = state.window.extended(obs.events, now, p.window_s)
     hist = state.in_flight
     if obs.stats.in_flight is not None:
@@ -137,16 +176,29 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         )
     have_lengths = not math.isnan(est.input_len_mean)
     fc_state = state.forecaster
-    if est.window_covered_s >= 0.5 * p.window_s:
+    covered = est.window_covered_s >= 0.5 * p.window_s
+    if covered:
         fc_state = update(fc_state, est.arrival_rate_rps, now, p)
     samples = input_quantiles(window, now - p.window_s) or (
         (est.input_len_mean,) if have_lengths else ()
     )
     if thin is not None and good is not None and state.shape is not None:
         samples = state.shape[3]
-    changed = state.last_change_s
-    stable = not fleet.transitions and now - changed >= p.window_s
+    # calibrate once the serving counts have held for half a window (pending cold starts do not
+    # serve, so they do not freeze it: an error found during an outage is corrected during it)
+    stable = now - history.last_change_s >= p.window_s / 2
     calib = _calibrate(state.calibration, window, est, obs, cfg, samples, now, stable) if thin is None else state.calibration
+    w = window.since(now - p.window_s)
+    burn = measure_burn(w.ttft_s, w.tpot_s, cfg.objectives, p)
+    gate = getattr(obs.stats, "decode_gate_waiting", None)
+    feedback = update_feedback(
+        state.feedback, burn, now, p,
+        prefill_growing=any(t.target_role is Role.PREFILL for t in fleet.transitions),
+        decode_growing=any(t.target_role is Role.DECODE for t in fleet.transitions),
+        ttft_is_decode=bool(gate) and (obs.stats.prefill_queued or 0) == 0,
+    )
+    rates = record_rate(state.rates, now, est.arrival_rate_rps, est.peak_rate_rps, p.regrow_hold_s) \
+        if covered else state.rates
 
     horizon = p.flip_lead_s if p.mode is Mode.FIXED else p.cold_start_s
     fc: Forecast = forecast(fc_state, now, horizon, p)
@@ -154,6 +206,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     new_state = replace(
         state, last_tick_s=now, window=window, in_flight=hist, forecaster=fc_state, calibration=calib,
         last_estimates=est if thin is None else state.last_estimates, ticks=state.ticks + 1,
+        history=history, feedback=feedback, rates=rates,
     )
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
 
@@ -164,9 +217,14 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         tpmax = None
         if have_lengths:
             tpmax = cfg.hardware.profile.prefill.max_tps_at(max(est.input_len_mean * (1 - est.cache_hit_rate), 1.0))
-        diag = Diagnostics(now, est, fc, target, calib.view(tpmax), dp, dd, tuple(decisions))
+        fb = None
+        if burn is not None:
+            fb = FeedbackView(burn.samples, burn.ttft_observed_q_s, predicted_q, burn.tpot_observed_q_ms,
+                              burn.ttft_burn, burn.tpot_burn, feedback.prefill_headroom, feedback.decode_headroom)
+        diag = Diagnostics(now, est, fc, target, calib.view(tpmax), dp, dd, tuple(decisions), fb)
         return TickResult(tuple(actions), st, diag)
 
+    predicted_q: float | None = None
     if not have_lengths or (thin is not None and good is None):
         # nothing well-sampled yet (start-up): no action at all on a few seconds of data
         decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin or "no completed requests yet"))
@@ -180,16 +238,55 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst
         target = model_target(cfg, fc.max_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
                               calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps))
+        if fleet.serving_prefill > 0 and fleet.serving_decode > 0 and est.arrival_rate_rps > 0:
+            # the model's tail at the fleet as it serves now and the load as observed: beside the observed tail
+            predicted_q = model_target(
+                cfg, est.arrival_rate_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
+                calib.tpot_scale, at=(fleet.serving_prefill, fleet.serving_decode)).predicted_ttft_s
     except (InfeasibleError, ModelInputError) as e:
         decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
         return result([], new_state, None, cur_p, cur_d)
     target = _observed_decode_need(target, obs)
+    target = _with_headroom(target, feedback, decisions)
     if thin is not None:
         decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin))
 
+    held_p = max(held_rate(rates, now, p.regrow_hold_s, use_peak=False), 1e-9)
+    held_d = max(held_rate(rates, now, p.regrow_hold_s, use_peak=True), 1e-9)
+    held = model_target(cfg, held_p, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
+                        calib.tpot_scale, decode_rate_rps=held_d)
+    ctx = Context(
+        history=history, burn=burn, prefill_busy=obs.stats.prefill_busy_fraction,
+        decode_batch=obs.stats.decode_running_mean,
+        prefill_util_target=_prefill_util_target(cfg, target, samples, est, calib.prefill_scale),
+        held_prefill_need=held.n_prefill_exact, held_decode_need=held.n_decode_exact,
+    )
     if p.mode is Mode.FIXED:
-        return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result)
-    return _tick_elastic(new_state, fleet, cfg, now, target, thin is not None, decisions, result)
+        return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result, ctx)
+    return _tick_elastic(new_state, fleet, cfg, now, target, thin is not None, decisions, result, ctx)
+
+
+def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decision]) -> ModelTarget:
+    """Scale each pool's need by its feedback headroom (>= 1) while its observed tail burns."""
+    hp, hd = fb.prefill_headroom, fb.decode_headroom
+    if hp <= 1.0 and hd <= 1.0:
+        return target
+    if hp >= 1.01:
+        decisions.append(Decision("prefill", Reason.SLO_BREACH, f"tail feedback: need x{hp:.2f}"))
+    if hd >= 1.01:
+        decisions.append(Decision("decode", Reason.SLO_BREACH, f"tail feedback: need x{hd:.2f}"))
+    pe, de = target.n_prefill_exact * hp, target.n_decode_exact * hd
+    return replace(target, n_prefill_exact=pe, n_decode_exact=de,
+                   n_prefill=max(1, math.ceil(pe - 1e-9)), n_decode=max(1, math.ceil(de - 1e-9)))
+
+
+def _prefill_util_target(cfg: ControlSpec, target: ModelTarget, samples: tuple[float, ...], est: Estimates,
+                         scale: float) -> float | None:
+    """Busy share of one prefill instance at the model's per-instance rate (rate x mean service time)."""
+    if not samples:
+        return None
+    svc = service_time(cfg.hardware.profile.prefill, samples, est.cache_hit_rate)
+    return min(1.0, target.prefill_rate_per_instance_rps * svc.mean_s * scale)
 
 
 def _observed_decode_need(target: ModelTarget, obs: Observations) -> ModelTarget:
@@ -232,32 +329,72 @@ def _pool_stages(
     return n3, recs
 
 
+def _safe_down(role: Role, cur: int, want: int, target: ModelTarget, ctx: Context, fb: FeedbackState,
+               decisions: list[Decision]) -> int:
+    """Stage after bounds: a shrink must hold the peak load of the regrow time and the observed load."""
+    if want >= cur:
+        return want
+    if role is Role.PREFILL:
+        floor = safe_down_floor(ctx.held_prefill_need, fb.prefill_headroom)
+        util, util_target = ctx.prefill_busy, ctx.prefill_util_target
+    else:
+        floor = safe_down_floor(ctx.held_decode_need, fb.decode_headroom)
+        util, util_target = ctx.decode_batch, target.decode_batch_target
+    n = min(cur, max(want, floor))
+    if n < cur and not consolidation_ok(util, cur, n, util_target):
+        n = cur
+        decisions.append(Decision(role.value, Reason.SCALE_DOWN_RISK,
+                                  f"observed load at {cur} would not fit {want}"))
+    elif n > want:
+        decisions.append(Decision(role.value, Reason.SCALE_DOWN_RISK,
+                                  f"peak of the regrow window needs {floor}; holding {n} (wanted {want})"))
+    if breaching(ctx.burn, role is Role.PREFILL):
+        n = cur  # never give up capacity while the pool's own objective is missed
+    return n
+
+
+def _reversal_blocked(role: Role, ctx: Context, now: float, cfg: ControlSpec) -> bool:
+    """A flip toward `role` undoes the last observed flip within the stabilization window,
+    and the pool it would refill keeps its objective: not worth two drains."""
+    h = ctx.history
+    direction = 1 if role is Role.PREFILL else -1
+    recent = now - h.last_flip_s < cfg.params.stabilization_down_s
+    return recent and direction == -h.last_flip_dir and not breaching(ctx.burn, role is Role.PREFILL)
+
+
 def _tick_elastic(
     st: ControllerState, fleet: FleetView, cfg: ControlSpec, now: float, target: ModelTarget, thin: bool,
-    decisions: list[Decision], result: ResultFn,
+    decisions: list[Decision], result: ResultFn, ctx: Context,
 ) -> TickResult:
     p = cfg.params
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
     want_p, recs_p = _pool_stages(Role.PREFILL, cur_p, target.n_prefill_exact, st.recs_prefill, thin, cfg, now, decisions)
     want_d, recs_d = _pool_stages(Role.DECODE, cur_d, target.n_decode_exact, st.recs_decode, thin, cfg, now, decisions)
+    want_p = _safe_down(Role.PREFILL, cur_p, want_p, target, ctx, st.feedback, decisions)
+    want_d = _safe_down(Role.DECODE, cur_d, want_d, target, ctx, st.feedback, decisions)
     st = replace(st, recs_prefill=recs_p, recs_decode=recs_d)
     # instantaneous need (no stabilization): what a pool could give up right now
     need_p = stages.bounds(target.n_prefill, p.min_prefill, p.max_prefill)[0]
     need_d = stages.bounds(target.n_decode, p.min_decode, p.max_decode)[0]
     dp, dd = want_p - cur_p, want_d - cur_d
     actions: list[Action] = []
-    flips_ok = stages.flips_allowed(fleet.flips_in_flight, st.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
+    h = ctx.history
+    flips_ok = stages.flips_allowed(fleet.flips_in_flight, h.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
     flip_faster = p.flip_lead_s < p.cold_start_s
-    flip_times = st.flip_times
-    last_dir, last_flip_s = st.last_flip_dir, st.last_flip_s
     for role, short, other_cur, other_need, other_serving in (
         (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode),
         (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill),
     ):
         # a flip takes a serving instance, and leaves the other pool at or above its need
         surplus = min(other_cur - other_need, other_serving - 1)
+        if short > 0 and surplus > 0 and breaching(ctx.burn, role is not Role.PREFILL):
+            surplus = 0  # the giving pool misses its own objective: it has nothing to spare
         if short > 0 and surplus > 0 and flip_faster and not thin:
             n = min(short, surplus)
+            if _reversal_blocked(role, ctx, now, cfg):
+                decisions.append(Decision(role.value, Reason.REVERSAL_BLOCKED,
+                                          f"last flip went the other way {now - h.last_flip_s:.0f}s ago"))
+                n = 0
             if flips_ok < n:
                 decisions.append(Decision(role.value, Reason.RATE_LIMITED, f"{n} flips wanted, {flips_ok} allowed"))
                 n = flips_ok
@@ -267,9 +404,6 @@ def _tick_elastic(
                 actions.append(Action(kind, n, reason))
                 decisions.append(Decision(role.value, reason, f"flip {n}: other pool has {surplus} spare"))
                 flips_ok -= n
-                flip_times = (*tuple(t for t in flip_times if t > now - 3600.0), *([now] * n))
-                last_dir = 1 if role is Role.PREFILL else -1
-                last_flip_s = now
                 # the giving pool is left at or above its need: it does not scale back up for the flip
                 if role is Role.PREFILL:
                     dp -= n
@@ -305,14 +439,12 @@ def _tick_elastic(
             reason = Reason.PREFILL_SURPLUS if role is Role.PREFILL else Reason.DECODE_SURPLUS
         actions.append(Action(kind, step, reason))
         decisions.append(Decision(role.value, reason, f"scale {step:+d}"))
-    if actions:
-        st = replace(st, last_change_s=now, flip_times=flip_times, last_flip_dir=last_dir, last_flip_s=last_flip_s)
-    return result(actions, st, target, cur_p + sum(a.count for a in actions if a.kind is ActionKind.SCALE_PREFILL)
-                  + sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_PREFILL)
-                  - sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_DECODE),
-                  cur_d + sum(a.count for a in actions if a.kind is ActionKind.SCALE_DECODE)
-                  + sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_DECODE)
-                  - sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_PREFILL))
+    # the desired fleet once these actions land (history records them only when observed to start)
+    sp = sum(a.count for a in actions if a.kind is ActionKind.SCALE_PREFILL)
+    sd = sum(a.count for a in actions if a.kind is ActionKind.SCALE_DECODE)
+    fp = sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_PREFILL)
+    fd = sum(a.count for a in actions if a.kind is ActionKind.FLIP_TO_DECODE)
+    return result(actions, st, target, cur_p + sp + fp - fd, cur_d + sd + fd - fp)
 
 
 def _cover(pn: int, dn: int, pe: float, de: float) -> float:
@@ -321,9 +453,10 @@ def _cover(pn: int, dn: int, pe: float, de: float) -> float:
 
 def _tick_fixed(
     st: ControllerState, fleet: FleetView, cfg: ControlSpec, now: float, target: ModelTarget, thin: bool,
-    decisions: list[Decision], result: ResultFn,
+    decisions: list[Decision], result: ResultFn, ctx: Context,
 ) -> TickResult:
     p = cfg.params
+    h = ctx.history
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
     total = cur_p + cur_d
     pe, de = target.n_prefill_exact, target.n_decode_exact
@@ -337,12 +470,21 @@ def _tick_fixed(
         decisions.append(Decision("fleet", Reason.WITHIN_TOLERANCE,
                                   f"cover {cover_cur:.2f} vs best {cover_best:.2f} at {best}P{total - best}D"))
         want = cur_p
+    elif best != cur_p and breaching(ctx.burn, best < cur_p):
+        # the pool that would give an instance up misses its own objective now
+        decisions.append(Decision("fleet", Reason.SLO_BREACH, "the giving pool misses its objective"))
+        want = cur_p
     recs = stages.record(st.recs_split, now, want, p.history_s, current=cur_p)
     direction = (want > cur_p) - (want < cur_p)
-    reversing = direction != 0 and direction == -st.last_flip_dir and now - st.last_flip_s < p.stabilization_down_s
-    # toward a short pool: fast (up window); undoing a recent flip: only if persistent (down window)
-    win = p.stabilization_down_s if reversing else p.stabilization_up_s
-    n, r = stages.stabilize(recs, now, cur_p, win, win)
+    reversing = direction != 0 and direction == -h.last_flip_dir and now - h.last_flip_s < p.stabilization_down_s
+    toward = Role.PREFILL if direction > 0 else Role.DECODE
+    if reversing and not breaching(ctx.burn, toward is Role.PREFILL):
+        # undoing a recent flip while the pool it would refill keeps its objective: not worth two drains
+        decisions.append(Decision("fleet", Reason.REVERSAL_BLOCKED,
+                                  f"last flip went the other way {now - h.last_flip_s:.0f}s ago"))
+        st = replace(st, recs_split=recs)
+        return result([], st, target, cur_p, total - cur_p)
+    n, r = stages.stabilize(recs, now, cur_p, p.stabilization_up_s, p.stabilization_up_s)
     if r is not None and want != cur_p:
         decisions.append(Decision("fleet", Reason.STABILIZING, f"recommendation {want}P, holding {n}P"))
     n, r = stages.bounds(n, max(p.min_prefill, total - p.max_decode), min(p.max_prefill, total - max(1, p.min_decode)))
@@ -352,7 +494,7 @@ def _tick_fixed(
     delta = n - cur_p
     actions: list[Action] = []
     if delta != 0:
-        ok = stages.flips_allowed(fleet.flips_in_flight, st.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
+        ok = stages.flips_allowed(fleet.flips_in_flight, h.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
         k = min(abs(delta), ok)
         if k < abs(delta):
             decisions.append(Decision("fleet", Reason.RATE_LIMITED, f"{abs(delta)} flips wanted, {ok} allowed"))
@@ -364,10 +506,6 @@ def _tick_fixed(
                 reason = Reason.SLO_DECODE_SHORT if cur_d < de else Reason.REBALANCE
                 actions.append(Action(ActionKind.FLIP_TO_DECODE, k, reason))
             decisions.append(Decision("fleet", reason, f"flip {k} toward {n}P{total - n}D"))
-            st = replace(
-                st, flip_times=(*tuple(t for t in st.flip_times if t > now - 3600.0), *([now] * k)),
-                last_flip_dir=1 if delta > 0 else -1, last_flip_s=now, last_change_s=now,
-            )
             n = cur_p + (k if delta > 0 else -k)
         else:
             n = cur_p

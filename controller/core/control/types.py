@@ -44,6 +44,9 @@ class Reason(StrEnum):
     INFEASIBLE = "infeasible"
     STEADY = "steady"
     IN_TRANSITION = "in_transition"
+    SCALE_DOWN_RISK = "scale_down_risk"  # the smaller pool would not hold the load seen within a regrow time
+    REVERSAL_BLOCKED = "reversal_blocked"  # undoing a recent flip while the pool it left keeps its objective
+    SLO_BREACH = "slo_breach"  # the observed tail misses the objective: feedback raises the pool's need
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,9 @@ class Transition:
     target_role: Role | None
     ready_s: float | None = None  # expected time it serves; None while still draining
     kind: str = "flip"  # "flip" | "start" | "stop"
+    # when the transition was observed to start (None: unknown; the core then counts new transitions)
+    started_s: float | None = None
+    worker: str = ""  # the instance's identity where the source knows it (router worker id or URL)
 
 
 @dataclass(frozen=True)
@@ -186,6 +192,20 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class FeedbackView:
+    """The objective as observed in the window, beside the model's prediction, and the feedback headroom."""
+
+    samples: int
+    ttft_observed_q_s: float | None  # at the objective's quantile (the mean for a mean objective)
+    ttft_predicted_q_s: float | None  # the model at the current fleet and the observed load
+    tpot_observed_q_ms: float | None
+    ttft_burn: float  # share missed / share allowed (1 = exactly at the objective)
+    tpot_burn: float
+    prefill_headroom: float
+    decode_headroom: float
+
+
+@dataclass(frozen=True)
 class Diagnostics:
     now: float
     estimates: Estimates | None
@@ -195,6 +215,7 @@ class Diagnostics:
     desired_prefill: int | None  # after all stages
     desired_decode: int | None
     decisions: tuple[Decision, ...]
+    feedback: FeedbackView | None = None
 
     @property
     def reasons(self) -> tuple[str, ...]:
