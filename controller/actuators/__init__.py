@@ -82,16 +82,20 @@ def build_actuator(
     workers = WorkerClient(http, retrier("worker"))
     agents = None
     switcher: Switcher
-    if cfg.switch == "agent":
+    if cfg.agents:
+        # agents restart workers: the flip itself (switch: agent), and the reconciler's repair of a dead
+        # worker in either switch mode
         keys = None
         if cfg.agent_client_key is not None and cfg.agent_server_key is not None:
             keys = CurveKeys(cfg.agent_client_key, cfg.agent_server_key)
         agents = AgentSwitcher(AgentClient(keys, cfg.http_timeout_s), cfg.agents,
                                poll_interval_s=cfg.poll_interval_s, clock=clock, sleep=sleep)  # type: ignore[arg-type]
+    if cfg.switch == "agent":
+        assert agents is not None  # validated by ActuationConfig
         switcher = AgentRestart(agents, http, workers)
     else:
         switcher = RoleSwitchEndpoint(workers, http, poll_interval_s=cfg.poll_interval_s, clock=clock,
-                                      sleep=sleep)  # type: ignore[arg-type]
+                                      sleep=sleep, restarter=agents)  # type: ignore[arg-type]
     guard = FlipGuard(min_pool_size=cfg.min_pool_size)
     flipper = DrainedFlipper(
         router, workers, switcher, guard, Journal(cfg.journal), metrics,

@@ -70,13 +70,14 @@ class RoleSwitchEndpoint:
 
     def __init__(
         self, workers: WorkerClient, http: Http, *, poll_interval_s: float, clock: Clock,
-        sleep: Sleep = asyncio.sleep,
+        sleep: Sleep = asyncio.sleep, restarter: AgentSwitcher | None = None,
     ) -> None:
         self.workers = workers
         self.http = http
         self.poll_interval_s = poll_interval_s
         self.clock = clock
         self.sleep = sleep
+        self.restarter = restarter  # node agents, when configured: they can restart a dead worker
 
     async def switch(self, url: str, to_role: Role, timeout_s: float) -> None:
         deadline = self.clock() + timeout_s
@@ -108,6 +109,11 @@ class RoleSwitchEndpoint:
         # must; once it answers again, a switch puts it in `role`
         if await self.workers.healthy(url):
             await self.switch(url, role, timeout_s)
+            return
+        if self.restarter is not None and url.rstrip("/") in self.restarter.endpoints:
+            await self.restarter.restart(url, role, timeout_s)
+            if await self.current_role(url) != role:
+                raise WorkerError("restart", url, f"restarted by its agent but does not serve {role}")
             return
         raise WorkerError("restart", url, "down, and no node agent is configured to restart it")
 
