@@ -140,9 +140,29 @@ def _parallel_kwargs(req: AicRequest) -> dict[str, Any]:
     return kw
 
 
+def shipped_models() -> list[str]:
+    """Hugging Face ids whose config.json ships in aiconfigurator-core (usable offline)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("aiconfigurator_core")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model_configs"
+    return sorted(p.name.removesuffix("_config.json").replace("--", "/", 1)
+                  for p in folder.glob("*_config.json") if not p.name.endswith("_hf_quant_config.json"))
+
+
 def import_aiconfigurator(req: AicRequest) -> dict[str, Any]:
     """Query aiconfigurator over the grid and return a profile dict (schema v1)."""
     cli_estimate, estimate_kv_cache, core_version = _aic()
+    known = shipped_models()
+    if req.model not in known:
+        # aiconfigurator would try to download an unknown model's config.json; we stay offline
+        raise ProfileError(
+            f"model={req.model!r}: aiconfigurator ships no config for it (offline import); "
+            f"known: {', '.join(m for m in known if '/' in m)[:400]}..."
+        )
     kw = _parallel_kwargs(req)
     prefill_ms: list[float] = []
     decode: list[list[float]] = []
