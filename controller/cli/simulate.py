@@ -15,7 +15,7 @@ from controller.core.prefill import QueueModel
 from controller.core.sizing import Hardware, Objectives
 from controller.profiles import load_profile
 from controller.sim.fleet import SimConfig
-from controller.sim.policies import OPTIONAL_POLICIES, POLICIES, FixedSplitPolicy, SimContext, make_policy
+from controller.sim.policies import POLICIES, FixedSplitPolicy, SimContext, make_policy
 from controller.sim.runner import Progress, Result, simulate
 from controller.sim.traces import load_trace, splice
 
@@ -38,7 +38,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--ttft-quantile", type=float, default=0.99,
                    help="statistic the controller sizes prefill for (default 0.99: attainment counts every request)")
     p.add_argument("--tpot-ms", type=float, default=50.0, help="TPOT objective, milliseconds (default 50)")
-    p.add_argument("--policy", default="all", choices=[*POLICIES, *OPTIONAL_POLICIES, "all"])
+    # "dynamo": NVIDIA Dynamo's planner (optional extra, controller/sim/dynamo_policy.py), not part of "all"
+    p.add_argument("--policy", default="all", choices=[*POLICIES, "dynamo", "all"])
     p.add_argument("--gpus", type=int, help="fixed budget of GPUs: only flips move capacity")
     p.add_argument("--elastic", action="store_true", help="pools scale between bounds (the default without --gpus)")
     p.add_argument("--min-per-pool", type=int, default=1, help="elastic: minimum instances per pool")
