@@ -80,12 +80,12 @@ def test_dynamo_policy_absent_is_a_clear_error() -> None:
     import importlib.util
 
     from controller.core.errors import PdControllerError
-    from controller.sim.policies import make_policy
+    from controller.sim.dynamo_policy import DynamoPolicy
 
     if importlib.util.find_spec("dynamo") is not None:
         pytest.skip("ai-dynamo is installed here: the missing-extra message cannot be shown")
     with pytest.raises(PdControllerError, match=r"simulate --policy dynamo needs NVIDIA Dynamo's planner"):
-        make_policy("dynamo", _ctx("llama31-70b-h100-tp8"))
+        DynamoPolicy(_ctx("llama31-70b-h100-tp8"))
 
 
 def test_dynamo_planner_sizes_from_the_profile() -> None:
