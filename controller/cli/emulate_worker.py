@@ -43,6 +43,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--natural-output-len", type=int, default=256,
                    help="mean length at which the emulated model emits EOS when a request does not set ignore_eos")
     p.add_argument("--context-length", type=int, default=131072)
+    p.add_argument("--collect-tokens-histogram", action="store_true",
+                   help="export SGLang's per-request token histograms (prompt, uncached prompt, generation)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="exit when the process that started this one exits (the fleet harness sets it)")
     p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
@@ -67,6 +69,7 @@ def options_from_args(args: argparse.Namespace) -> Any:
             kv_capacity_tokens=args.kv_capacity_tokens,
             natural_output_len=args.natural_output_len,
             context_length=args.context_length,
+            collect_tokens_histogram=args.collect_tokens_histogram,
         )
     except ValueError as e:
         raise PdControllerError(str(e)) from None

@@ -19,10 +19,17 @@ ITL_BUCKETS = (
     0.100, 0.200, 0.300, 0.400, 0.500, 0.600, 0.700, 0.800, 0.900, 1.0, 2.0, 4.0, 6.0, 8.0,
 )
 E2E_BUCKETS = (0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 200.0, 400.0, 800.0)
+# SGLang's default token-length buckets (`--prompt-tokens-buckets` / `--generation-tokens-buckets` unset): the
+# prompt, uncached-prompt and generation histograms of `--collect-tokens-histogram` all use them
+TOKEN_BUCKETS = (
+    100, 300, 500, 700, 1000, 1500, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 12500, 15000, 17500,
+    20000, 22500, 25000, 27500, 30000, 35000, 40000, 60000, 80000, 100000, 200000, 300000, 400000, 600000,
+    800000, 1000000, 1100000,
+)
 
 
 class WorkerMetrics:
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, collect_tokens_histogram: bool = False) -> None:
         self.registry = CollectorRegistry()
         r, lab = self.registry, ["model_name"]
         self.labels = {"model_name": model_name}
@@ -52,6 +59,18 @@ class WorkerMetrics:
             "sglang:e2e_request_latency_seconds", "Histogram of End-to-end request latency in seconds", lab,
             buckets=E2E_BUCKETS, registry=r,
         )
+        # `--collect-tokens-histogram`: per-request length distributions, observed when a request finishes
+        # (SGLang's observe_one_finished_request): prompt, prompt minus cached, generated
+        self.h_prompt = self.h_uncached = self.h_generation = None
+        if collect_tokens_histogram:
+            self.h_prompt = Histogram("sglang:prompt_tokens_histogram", "Histogram of prompt token length.", lab,
+                                      buckets=TOKEN_BUCKETS, registry=r).labels(**self.labels)
+            self.h_uncached = Histogram(
+                "sglang:uncached_prompt_tokens_histogram", "Histogram of uncached (compute) prompt token length.",
+                lab, buckets=TOKEN_BUCKETS, registry=r).labels(**self.labels)
+            self.h_generation = Histogram(
+                "sglang:generation_tokens_histogram", "Histogram of generation token length.", lab,
+                buckets=TOKEN_BUCKETS, registry=r).labels(**self.labels)
         # children bound once: per-token observations stay cheap
         self.c_prompt = self.prompt_tokens.labels(**self.labels)
         self.c_gen = self.generation_tokens.labels(**self.labels)
@@ -69,6 +88,13 @@ class WorkerMetrics:
         self._prompt_seen += prompt
         self._cached_seen += cached
 
+    def finished(self, prompt: int, cached: int, generated: int) -> None:
+        """One request done: the token histograms (when collected)."""
+        if self.h_prompt is not None and self.h_uncached is not None and self.h_generation is not None:
+            self.h_prompt.observe(float(prompt))
+            self.h_uncached.observe(float(max(prompt - cached, 0)))
+            self.h_generation.observe(float(generated))
+
     def set_gauges(self, running: int, queued: int, used_tokens: float, capacity_tokens: float, gen_tps: float) -> None:
         self.num_running.labels(**self.labels).set(running)
         self.num_queue.labels(**self.labels).set(queued)
@@ -77,6 +103,9 @@ class WorkerMetrics:
         self.gen_throughput.labels(**self.labels).set(gen_tps)
         rate = self._cached_seen / self._prompt_seen if self._prompt_seen > 0 else 0.0
         self.cache_hit_rate.labels(**self.labels).set(rate)
+
+    def hit_rate(self) -> float:
+        return self._cached_seen / self._prompt_seen if self._prompt_seen > 0 else 0.0
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -2,7 +2,7 @@
 
 Endpoints (as SGLang serves them): GET /health, /health_generate,
 /server_info (/get_server_info), /model_info (/get_model_info), /v1/models,
-/get_load, /metrics; POST /generate, /v1/completions, /v1/chat/completions
+/get_load, /loads and /v1/loads (SGLang's load snapshot, which smg polls), /metrics; POST /generate, /v1/completions, /v1/chat/completions
 (streaming and not), /flush_cache, /pd_role_switch.
 
 PD handshake. SGLang's decode worker pulls the KV cache of a request from the
@@ -34,6 +34,7 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,9 @@ TOKENIZER_DIR = Path(__file__).resolve().parent / "tokenizer"
 ROLES = ("prefill", "decode")
 log = logging.getLogger("controller.emulator")
 
+# SGLang's /v1/loads `include` names -> the LoadSnapshot section each adds (core fields are always there)
+LOAD_SECTIONS = {"memory": "memory", "spec": "speculative", "lora": "lora", "disagg": "disaggregation",
+                 "queues": "queues"}
 # a room whose prefill finished but that no decode worker fetched is forgotten after this long (wall seconds)
 _ROOM_TTL_S = 300.0
 # how long a decode worker waits for the prefill of its room (wall seconds)
@@ -74,6 +78,7 @@ class WorkerOptions:
     prefix_cache_tokens: float | None = None
     natural_output_len: int | None = 256
     context_length: int = 131072
+    collect_tokens_histogram: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -120,7 +125,7 @@ class EmulatedWorker:
         self.opts = opts
         self.role = opts.role
         self.model_name = opts.served_model_name or opts.model_path
-        self.metrics = WorkerMetrics(self.model_name)
+        self.metrics = WorkerMetrics(self.model_name, opts.collect_tokens_histogram)
         curve = decode_curve_of(profile)
         kv = opts.kv_capacity_tokens
         if kv is None:
@@ -157,6 +162,8 @@ class EmulatedWorker:
             r.add_get(p, self.model_info)
         r.add_get("/v1/models", self.models)
         r.add_get("/get_load", self.get_load)
+        r.add_get("/loads", self.loads)
+        r.add_get("/v1/loads", self.loads)
         r.add_get("/metrics", self.metrics_handler)
         r.add_post("/generate", self._gen("generate"))
         r.add_post("/v1/completions", self._gen("completions"))
@@ -285,6 +292,73 @@ class EmulatedWorker:
             "dp_rank": 0, "num_reqs": max(self.inflight, running + queued), "num_waiting_reqs": queued,
             "num_tokens": int(used),
         }])
+
+    def load_snapshot(self, include: set[str] | None) -> dict[str, Any]:
+        """One DP rank's load, with SGLang's /v1/loads field names (core fields always; sections on request)."""
+        running, queued, used = self._counts()
+        now = time.monotonic()
+        self._trim_window(now)
+        cap = int(self.kv_capacity_tokens) if math.isfinite(self.kv_capacity_tokens) else 0
+        pending = self.decode_pending if self.role == "decode" else 0
+        waiting_uncached = sum(j.tokens for j in self.prefill.queue) if self.role == "prefill" and self.prefill else 0
+        pending_tokens = 0
+        if self.role == "decode" and self.decode is not None:
+            pending_tokens = sum(s.input_tokens for s in self.decode.waiting)
+        snap: dict[str, Any] = {
+            "timestamp": time.time(),
+            "dp_rank": 0,
+            "num_running_reqs": running,
+            # SGLang counts the PD queues (decode prealloc/transfer) as waiting too
+            "num_waiting_reqs": queued,
+            "num_waiting_uncached_tokens": waiting_uncached,
+            "num_used_tokens": int(used),
+            "num_total_tokens": int(used) + pending_tokens,
+            "num_active_tokens": int(used) + pending_tokens,
+            "max_total_num_tokens": cap,
+            "max_running_requests": self.max_running,
+            "token_usage": round(used / cap, 4) if cap else 0.0,
+            "gen_throughput": round(len(self._gen_window) / 10.0, 2),
+            "cache_hit_rate": round(self.metrics.hit_rate(), 4),
+            "utilization": 0.0,
+        }
+        sections: dict[str, Any] = {
+            "disaggregation": {
+                "mode": self.role,
+                "prefill_bootstrap_queue_reqs": 0,
+                "prefill_inflight_queue_reqs": self.prefill.running if self.role == "prefill" and self.prefill else 0,
+                "decode_prealloc_queue_reqs": 0,
+                "decode_transfer_queue_reqs": pending,
+                "decode_retracted_queue_reqs": 0,
+                "kv_transfer_speed_gb_s": 0.0,
+                "kv_transfer_latency_ms": round(self.profile.kv_transfer.time_s(1) * 1000.0, 3),
+            },
+            "queues": {"waiting": queued - pending, "grammar": 0, "paused": 0, "retracted": 0,
+                       "prealloc_ready": 0},
+            "memory": {"weight_gb": 0.0, "kv_cache_gb": 0.0, "graph_gb": 0.0, "token_capacity": cap},
+        }
+        for inc, key in LOAD_SECTIONS.items():
+            if key in sections and (include is None or "all" in include or inc in include):
+                snap[key] = sections[key]
+        return snap
+
+    async def loads(self, request: web.Request) -> web.Response:
+        """GET /v1/loads (and /loads): {"timestamp", "version", "accelerator", "num_accelerators", "loads": [...]}."""
+        q = request.query
+        raw = q.get("include")
+        include = {x.strip() for x in raw.split(",") if x.strip()} if raw else None
+        valid = {"core", "all", *LOAD_SECTIONS}
+        if include is not None and not include <= valid:
+            raise BadRequest(f"include={raw!r}: invalid sections {sorted(include - valid)}; valid: {sorted(valid)}")
+        model = q.get("model")
+        if model is not None and model not in (self.model_name, self.opts.model_path):
+            return _err(404, f"model={model!r}: not served here (serving {self.model_name!r})")
+        dp = q.get("dp_rank")
+        if dp is not None and dp != "0":
+            raise BadRequest(f"dp_rank={dp!r}: this worker has one DP rank (0)")
+        snap = self.load_snapshot(include if include != {"core"} else set())
+        return web.json_response({"timestamp": datetime.now(UTC).isoformat(), "version": "emulated",
+                                  "accelerator": None, "num_accelerators": self.profile.tensor_parallel,
+                                  "loads": [snap]})
 
     async def metrics_handler(self, request: web.Request) -> web.Response:
         running, queued, used = self._counts()
@@ -433,6 +507,7 @@ class EmulatedWorker:
             room_fut.set_result({"input_tokens": req.input_tokens, "cached_tokens": cached,
                                  "prefill_s": done_at - arrival})
             self._room_done_at[req.bootstrap_room] = time.monotonic()  # type: ignore[index]
+        self.metrics.finished(req.input_tokens, cached, 1)
         rid = req.rid or uuid.uuid4().hex
         words = output_words(1, req.input_tokens)
         meta = {"prompt_tokens": req.input_tokens, "completion_tokens": 1, "cached_tokens": cached}
@@ -489,6 +564,7 @@ class EmulatedWorker:
                 self._trim_window(now)
                 yield i
             self.metrics.h_e2e.observe(max(0.0, prev - arrival))
+            self.metrics.finished(req.input_tokens, cached, n_out)
 
         try:
             return await self._respond(request, req, rid, output_words(n_out, req.input_tokens), finish, meta,
