@@ -1,4 +1,4 @@
-"""An emulated PD fleet: N prefill + M decode emulated workers behind the real sglang-router, as subprocesses.
+"""An emulated PD fleet: N prefill + M decode emulated workers behind a real PD router, as subprocesses.
 
 Stable API (tests, the demo and benches use it)::
 
@@ -6,6 +6,8 @@ Stable API (tests, the demo and benches use it)::
 
     async with EmulatedFleet("llama2-70b-h100-tp8", n_prefill=2, n_decode=2, time_scale=0.1) as fleet:
         fleet.router_url         # "http://127.0.0.1:PORT": /generate, /v1/*, /workers, /engine_metrics
+        fleet.model              # the served model name clients must send (smg routes by it)
+        fleet.router_kind        # which router runs (smg by default; see controller/emulator/routers.py)
         fleet.metrics_url        # "http://127.0.0.1:PROM/metrics": the router's own Prometheus metrics
         fleet.prometheus_port    # PROM
         fleet.prefill, fleet.decode   # lists of WorkerProc(role, url, port, bootstrap_port, pid)
@@ -23,9 +25,12 @@ start; workers bind port 0 and report theirs. Entering waits until the router
 lists every worker as healthy (`startup_timeout_s`, default 60 s); leaving
 stops the router, then the workers (SIGTERM, then SIGKILL after 5 s).
 
-`worker_args` are appended to every `pd-controller emulate-worker` command
-line (e.g. ["--max-running-requests", "16"]); `router_args` to the router's
-(e.g. ["--disable-retries"]). Process logs go to `log_dir` (a temporary
+`router` picks the router (`smg`, the default, or `sglang-router`, or a command
+template; $PD_ROUTER when not given). Workers serve `model` (default
+"emulated") and export SGLang's token histograms; `model_aliases` are extra
+names smg accepts for it. `worker_args` are appended to every `pd-controller
+emulate-worker` command line (e.g. ["--max-running-requests", "16"]);
+`router_args` to the router's (e.g. ["--disable-retries"]). Process logs go to `log_dir` (a temporary
 directory by default, kept in `fleet.log_dir` for post-mortems).
 """
 
@@ -50,6 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from controller.emulator.routers import RouterKind, resolve, router_command
 from controller.profiles import resolve_profile_path
 
 HOST = "127.0.0.1"
@@ -126,10 +132,18 @@ class EmulatedFleet:
         health_check_interval_s: int = 1,
         startup_timeout_s: float = 60.0,
         log_dir: Path | None = None,
+        router: str | None = None,
+        model: str = "emulated",
+        model_aliases: Sequence[str] = (),
+        collect_tokens_histogram: bool = True,
     ) -> None:
         if n_prefill < 1 or n_decode < 1:
             raise ValueError(f"n_prefill={n_prefill}, n_decode={n_decode}: the router needs at least one of each")
         self.profile_path = resolve_profile_path(profile)
+        self.router_kind: RouterKind = resolve(router)
+        self.model = model
+        self.model_aliases = list(model_aliases)
+        self.collect_tokens_histogram = collect_tokens_histogram
         self.n_prefill = n_prefill
         self.n_decode = n_decode
         self.time_scale = time_scale
@@ -175,8 +189,10 @@ class EmulatedFleet:
             sys.executable, "-m", "controller", "emulate-worker",
             "--role", role, "--profile", str(self.profile_path),
             "--host", HOST, "--port", "0", "--bootstrap-port", "0",
-            "--time-scale", repr(self.time_scale), "--exit-with-parent",
+            "--time-scale", repr(self.time_scale), "--exit-with-parent", "--served-model-name", self.model,
         ]
+        if self.collect_tokens_histogram:
+            cmd.append("--collect-tokens-histogram")
         if self.enable_pd_role_switch:
             cmd.append("--enable-pd-role-switch")
         cmd += self.worker_args
@@ -249,20 +265,12 @@ class EmulatedFleet:
         assert self.log_dir is not None
         self.router_port = free_port()
         self.prometheus_port = free_port()
-        cmd = [
-            sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation",
-            "--host", HOST, "--port", str(self.router_port),
-            "--prometheus-host", HOST, "--prometheus-port", str(self.prometheus_port),
-            "--policy", self.policy,
-            "--health-check-interval-secs", str(self.health_check_interval_s),
-            "--shutdown-grace-period-secs", "1",
-            "--log-level", "warn",
-        ]
-        for w in self.prefill:
-            cmd += ["--prefill", w.url, str(w.bootstrap_port)]
-        for w in self.decode:
-            cmd += ["--decode", w.url]
-        cmd += self.router_args
+        cmd = router_command(
+            self.router_kind, host=HOST, port=self.router_port, prometheus_port=self.prometheus_port,
+            prefill=[(w.url, w.bootstrap_port) for w in self.prefill], decode=[w.url for w in self.decode],
+            policy=self.policy, health_check_interval_s=self.health_check_interval_s,
+            model_aliases=[(a, self.model) for a in self.model_aliases], extra=self.router_args,
+        )
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
         log_path = self.log_dir / "router.log"
         with open(log_path, "wb") as logf:
@@ -277,17 +285,18 @@ class EmulatedFleet:
         last = ""
         while time.monotonic() < deadline:
             if self._router.poll() is not None:
-                raise FleetError(f"sglang-router exited with {self._router.returncode}: {_tail(log_path)}")
+                raise FleetError(f"{self.router_kind.label} exited with {self._router.returncode}: {_tail(log_path)}")
             try:
                 body = _get_json(f"{self.router_url}/workers")
-                healthy = {w["url"] for w in body.get("workers", []) if w.get("is_healthy")}
+                healthy = {w["url"].rstrip("/") for w in body.get("workers", []) if w.get("is_healthy")}
                 if want <= healthy:
                     return
                 last = f"registered healthy: {sorted(healthy)}"
             except (urllib.error.URLError, OSError, ValueError) as e:
                 last = str(e)
             time.sleep(0.2)
-        raise FleetError(f"sglang-router did not register all {len(want)} workers in time ({last}): {_tail(log_path)}")
+        raise FleetError(f"{self.router_kind.label} did not register all {len(want)} workers in time ({last}): "
+                         f"{_tail(log_path)}")
 
     def stop_sync(self) -> None:
         if self._router is not None:
