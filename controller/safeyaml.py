@@ -156,8 +156,9 @@ def parse_yaml(text: str, origin: str, limits: YamlLimits = DEFAULT_LIMITS) -> A
     """Safe-load one YAML document within `limits`; every failure is a FileError naming `origin`."""
     if len(text) > limits.max_bytes:
         raise FileError(f"{origin}: {len(text)} characters exceeds the limit of {limits.max_bytes}")
-    loader = _loader(limits)(text)
+    loader: yaml.SafeLoader | None = None
     try:
+        loader = _loader(limits)(text)  # the reader refuses control characters here
         root = loader.get_single_node()
         if root is None:
             return None
@@ -174,7 +175,8 @@ def parse_yaml(text: str, origin: str, limits: YamlLimits = DEFAULT_LIMITS) -> A
         # e.g. an integer of 10**5 digits, an impossible date (2026-13-45), an unhashable key
         raise FileError(f"{origin}: malformed YAML value: {type(e).__name__}: {str(e)[:120]}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def load_yaml_file(path: Path | str, limits: YamlLimits = DEFAULT_LIMITS) -> Any:

@@ -58,6 +58,16 @@ class _CountingAuthenticator(AsyncioAuthenticator):
         super()._send_zap_reply(request_id, status_code, status_text, user_id)
 
 
+def check_key_files(cfg: AgentConfig) -> None:
+    """The secret key is a small regular file, the authorized keys a directory (never /dev/zero or a FIFO)."""
+    from controller.safeyaml import read_bounded
+
+    assert cfg.server_secret_key is not None and cfg.authorized_keys_dir is not None
+    read_bounded(cfg.server_secret_key, 65536)  # FileError names the file
+    if not cfg.authorized_keys_dir.is_dir():
+        raise ValueError(f"authorized_keys_dir={str(cfg.authorized_keys_dir)!r}: not a directory")
+
+
 def render(template: list[str], values: dict[str, str]) -> list[str]:
     """Fill placeholders element by element. Values are validated (role in a fixed set, ints)."""
     out = []
@@ -88,6 +98,8 @@ class NodeAgent:
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
+        if not self.cfg.insecure:
+            check_key_files(self.cfg)  # before any thread or socket exists: a bad file is one clear error
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)

@@ -45,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         assert task is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
+            with contextlib.suppress(RuntimeError, ValueError):  # not the main thread (tests): no handlers
+                loop.add_signal_handler(sig, task.cancel)
         agent = NodeAgent(cfg)
         try:
             try:
