@@ -64,6 +64,15 @@ class DecisionRecord:
         }
 
 
+def _kind_key(a: Action) -> str:
+    return f"{a.kind.value}:{'+' if a.count > 0 else '-'}"
+
+
+def _fleet_signature(obs: Observations) -> tuple[Any, ...]:
+    f = obs.fleet
+    return (f.serving_prefill, f.serving_decode, len(f.transitions))
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -115,6 +124,10 @@ class TickLoop:
         self._actuation_running = False
         self.actuation_busy = False
         self.last_outcomes: deque[dict[str, Any]] = deque(maxlen=50)
+        # proposals the actuator refused or only advised, by action kind: (fleet signature, retry at, why).
+        # The same proposal on the same fleet is not submitted again before the retry time (doubling).
+        self.refused: dict[str, tuple[tuple[Any, ...], float, float, str]] = {}
+        self.fleet_signature: Callable[[Observations], tuple[Any, ...]] = _fleet_signature
         if self.metrics is not None:
             self.metrics.paused.set(1 if self.acting is False else 0)
 
@@ -136,8 +149,14 @@ class TickLoop:
         while True:
             started = self.clock.now()
             await self.tick_once()
-            # keep the period from tick start to tick start; a slow tick shortens the wait
+            # keep the period from tick start to tick start; a slow tick shortens the wait. A wake-up
+            # (pause/resume) ends the sleep early, but ticks never come faster than one per period:
+            # the rest of the period is slept after it (issue 13: a loop that woke itself after every
+            # actuation spun at 100 % CPU when the actuation changed nothing).
             await self.clock.sleep(max(self.period_s - (self.clock.now() - started), 0.0), self.waker)
+            rest = self.period_s - (self.clock.now() - started)
+            if rest > 0:
+                await self.clock.sleep(rest)
 
     async def tick_once(self) -> Any:
         now = self.clock.now()
@@ -162,8 +181,11 @@ class TickLoop:
         applied = "advisory"
         outcomes: list[tuple[Action, bool, str]] = []
         blocked = self.guard() if result.actions and self.acting else None
+        suppressed = self._suppressed(now, tuple(result.actions), obs) if result.actions and self.acting else None
         if blocked is not None:
             applied = f"blocked:{blocked}"
+        elif suppressed is not None:
+            applied = f"suppressed:{suppressed}"
         elif result.actions and self.acting and self._actuation_running:
             if self.actuation_busy or self._submitted.full():
                 applied = "blocked:actuation_busy"
@@ -183,12 +205,37 @@ class TickLoop:
             self.log.error("tick_report_failed", tick=self.ticks, error=repr(e))
         return result
 
+    def _suppressed(self, now: float, actions: tuple[Action, ...], obs: Observations) -> str | None:
+        """Why these actions are not submitted again (refused before on this same fleet), or None."""
+        sig = self.fleet_signature(obs)
+        for a in actions:
+            rec = self.refused.get(_kind_key(a))
+            if rec is None or rec[0] != sig or now >= rec[1]:
+                return None
+        return self.refused[_kind_key(actions[0])][3]
+
+    def _remember_refusals(self, now: float, actions: tuple[Action, ...]) -> None:
+        last = getattr(self.sink, "last", ())
+        sig = self.fleet_signature(self.last_obs) if self.last_obs is not None else ()
+        for x in last:
+            key = _kind_key(x.action)
+            if getattr(x, "refused", False):
+                prev = self.refused.get(key)
+                backoff = min(2 * prev[2], 600.0) if prev is not None and prev[0] == sig else max(60.0, self.period_s)
+                if prev is None or prev[0] != sig:
+                    self.log.info("proposal_refused", action=f"{x.action.kind.value}:{x.action.count}",
+                                  why=getattr(x, "why", "") or x.detail, retry_in_s=backoff)
+                self.refused[key] = (sig, now + backoff, backoff, getattr(x, "why", "") or "refused")
+            else:
+                self.refused.pop(key, None)
+
     async def _apply(self, now: float, actions: tuple[Action, ...]) -> list[tuple[Action, bool, str]]:
         assert self.sink is not None
         try:
             outcomes = await self.sink.apply(actions)
         except Exception as e:  # an actuator bug must not stop the loop
             outcomes = [(a, False, repr(e)) for a in actions]
+        self._remember_refusals(now, actions)
         for a, ok, detail in outcomes:
             self.last_outcomes.append({"time_s": now, "action": f"{a.kind.value}:{a.count}:{a.reason.value}",
                                        "ok": ok, "detail": detail})
@@ -211,9 +258,8 @@ class TickLoop:
                 self.log.info("actuation", submitted_at=now,
                               results=[{"action": f"{a.kind.value}:{a.count}", "ok": ok, "detail": d}
                                        for a, ok, d in outcomes])
-                if self.after_apply is not None:
-                    await self.after_apply()
-                self.waker.wake()  # the fleet changed: decide again now
+                if getattr(self.sink, "last_changed", True) and self.after_apply is not None:
+                    await self.after_apply()  # the fleet may have changed: re-read it before the next tick
         finally:
             self._actuation_running = False
 

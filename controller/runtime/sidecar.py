@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict, is_dataclass, replace
 from typing import Any
 
 import structlog
@@ -79,15 +79,21 @@ class Sidecar:
         self.hub = TelemetryHub(max_pending=t.max_pending_events, metrics=self.metrics)
         self.spec = build_spec(cfg) if decide is None else None
         self.actuator = actuator
+        # one reader of the fleet: the actuator when there is one (it reads the router's /workers with
+        # the shared parser and knows the flips it is carrying out), else the router's /workers poller.
+        # The core's FleetView and the scraper's URL -> role map both come from that one reader.
         self.fleet = RouterFleet(t.router_url, self.hub, self.clock.now, interval_s=t.workers_interval_s,
-                                 timeout_s=t.scrape_timeout_s) if t.router_url else None
+                                 timeout_s=t.scrape_timeout_s) if t.router_url and actuator is None else None
+        self._actuator_roles: dict[str, str] = {}
+        self._actuator_workers: list[dict[str, Any]] = []
+        self._flip_seen_s: dict[str, float] = {}  # url -> when a flip of it was first observed
         self.zmq = ZmqSource(t.zmq_endpoints, self.hub, self.clock.now, rcvhwm=t.rcvhwm, ctx=zmq_ctx) \
             if t.zmq_endpoints else None
         synth = t.synthesize_from_scrape if t.synthesize_from_scrape is not None else not t.zmq_endpoints
         self.scraper = PrometheusScraper(
             t.router_url, self.hub, self.clock.now, metrics_url=t.router_metrics_url,
             interval_s=t.scrape_interval_s, timeout_s=t.scrape_timeout_s, synthesize=synth,
-            roles=self.fleet.roles if self.fleet else dict, metrics=self.metrics,
+            roles=self.fleet.roles if self.fleet else (lambda: self._actuator_roles), metrics=self.metrics,
         ) if t.router_url else None
         self._actuator_fleet: FleetView | None = None
         if decide is None:
@@ -122,6 +128,7 @@ class Sidecar:
 
     def observe(self, now: float) -> Observations:
         events = self.hub.drain()
+        arrivals = self.hub.drain_arrivals()
         fleet = self.current_fleet()
         self.fleet_known = fleet is not None
         if fleet is None:
@@ -131,7 +138,10 @@ class Sidecar:
         age = self.telemetry_age(now)
         if age is not None:
             self.metrics.telemetry_age.set(age)
-        return Observations(events=events, fleet=fleet, stats=stats)
+        in_flight = self.hub.in_flight(now) if self.zmq is not None else None
+        if in_flight is not None and stats.in_flight is None:
+            stats = replace(stats, in_flight=in_flight)
+        return Observations(events=events, fleet=fleet, stats=stats, arrivals=arrivals)
 
     def telemetry_age(self, now: float) -> float | None:
         times = [t for t in (self.hub.last_event_s, self.scraper.last_ok_s if self.scraper else None) if t is not None]
@@ -170,7 +180,7 @@ class Sidecar:
                 "known": fleet is not None,
                 "prefill": fleet.serving_prefill if fleet else None,
                 "decode": fleet.serving_decode if fleet else None,
-                "workers": self.fleet.snapshot() if self.fleet else [],
+                "workers": self.fleet.snapshot() if self.fleet else self._actuator_workers,
                 "worker_metrics": self.scraper.latest.per_worker if self.scraper and self.scraper.latest else {},
             },
             "target": {
@@ -224,14 +234,21 @@ class Sidecar:
             structlog.get_logger("pd-controller").warning("fleet_unavailable", error=repr(e))
             return
         flipping = set(f.flips_in_flight)
+        now = self.clock.now()
+        # when each flip was first observed under way (the core counts flips from these, never proposals)
+        self._flip_seen_s = {u: self._flip_seen_s.get(u, now) for u in flipping}
         # a worker moving between pools counts toward its new pool (the core's FleetView.committed);
         # one being drained for removal has no target role
         moving = tuple(
-            Transition(Role.DECODE if w.role == "prefill" else Role.PREFILL, kind="flip")
-            if w.url in flipping else Transition(None, kind="stop")
+            Transition(Role.DECODE if w.role == "prefill" else Role.PREFILL, kind="flip",
+                       started_s=self._flip_seen_s[w.url], worker=w.url)
+            if w.url in flipping else Transition(None, kind="stop", worker=w.url)
             for w in f.workers if w.state in ("flipping", "draining")
         )
         self._actuator_fleet = FleetView(f.count("prefill"), f.count("decode"), moving)
+        self._actuator_roles = {w.url.rstrip("/"): str(w.role) for w in f.workers}
+        self._actuator_workers = [{"url": w.url, "role": str(w.role), "healthy": w.healthy, "state": w.state,
+                                   "load": w.load} for w in f.workers]
 
     async def _actuator_fleet_task(self) -> None:
         while True:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from controller.core.control import Observations
+from controller.core.events import empty_arrivals
 from controller.sim.fleet import Fleet, SimConfig
 from controller.sim.policies import Policy, SimContext
 
@@ -44,11 +45,25 @@ class Result:
     timeline: Timeline = field(default_factory=Timeline)
     met: np.ndarray | None = None  # per request: met both objectives
     arrival_s: np.ndarray | None = None
+    # flip reversals (an instance moved back to the role it just left within the window):
+    # (time, instance, role returned to, seconds since it left, attainment of the minute before)
+    reversals: list[tuple[float, int, str, float, float]] = field(default_factory=list)
+    shed: int = 0  # requests the decode admission gate answered 503
+    aborted: bool = False  # early stop: more misses than the budget; attainment is an upper bound
+    knob: float | None = None  # the swept setting of a baseline (threshold / throughput utilisation)
+
+    @property
+    def reversals_unjustified(self) -> int:
+        """Reversals while the objectives held over the minute before (the target forbids these)."""
+        return sum(1 for r in self.reversals if r[4] >= 0.99)
 
     def summary(self) -> dict[str, Any]:
         keys = ("requests", "slo_attainment", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p90_ms",
-                "gpu_hours", "flips", "scale_events", "goodput_rps")
-        return {k: getattr(self, k) for k in keys}
+                "gpu_hours", "flips", "scale_events", "goodput_rps", "shed", "aborted", "knob")
+        d = {k: getattr(self, k) for k in keys}
+        d["flip_reversals"] = len(self.reversals)
+        d["flip_reversals_unjustified"] = self.reversals_unjustified
+        return d
 
 
 def _q(x: np.ndarray, q: float) -> float:
@@ -60,8 +75,14 @@ def simulate(
     ctx: SimContext,
     sim: SimConfig,
     progress: Callable[[float], None] | None = None,
+    miss_budget: float | None = None,
 ) -> Result:
-    """Play the trace through the fleet with the policy deciding every tick_period_s."""
+    """Play the trace through the fleet with the policy deciding every tick_period_s.
+
+    `miss_budget`: stop as soon as more requests than this have missed (a search
+    only needs to know the candidate fails); the result is then `aborted`.
+    A static policy (no decisions) skips the control ticks.
+    """
     import time as _time  # the shell may read the clock (wall time of the run); the core never does
 
     wall0 = _time.perf_counter()
@@ -74,8 +95,11 @@ def simulate(
     )
     p0, d0 = policy.initial()
     fleet = Fleet(trace, prof, simc, p0, d0, ctx.spec.objectives.overhead_s)
-    period = ctx.spec.params.tick_period_s
-    end = trace.duration_s
+    obj = ctx.spec.objectives
+    fleet.set_objectives(obj.ttft_s, obj.tpot_ms / 1000.0, math.inf if miss_budget is None else miss_budget)
+    period = ctx.spec.params.tick_period_s if policy.dynamic else 60.0
+    # at least one tick: a one-request trace has zero duration
+    end = max(trace.duration_s, ctx.spec.params.tick_period_s)
     nxt = 0
     seen = 0
     last_busy: dict[int, float] = {}
@@ -84,13 +108,22 @@ def simulate(
     arr = trace.arrival_s
     while t < end:
         t = min(t + period, end)
+        first = nxt
         nxt = fleet.run_until(t, nxt)
         events = fleet.drain_events(seen)
         seen = len(fleet.completed)
-        obs = Observations(events=events, fleet=fleet.view(), stats=fleet.stats(t, last_busy, period))
-        actions = policy.decide(t, obs)
-        if actions:
-            fleet.apply(actions, t)
+        if fleet.exhausted:
+            break
+        if policy.dynamic:
+            # the tap's arrival events: every request that arrived this tick, input counted exactly
+            arrivals = empty_arrivals(nxt - first)
+            arrivals["arrival_s"] = arr[first:nxt]
+            arrivals["input_tokens"] = trace.input_tokens[first:nxt]
+            obs = Observations(events=events, fleet=fleet.view(), stats=fleet.stats(t, last_busy, period),
+                               arrivals=arrivals)
+            actions = policy.decide(t, obs)
+            if actions:
+                fleet.apply(actions, t)
         v = fleet.view()
         lo = int(np.searchsorted(arr, t - 60.0))
         tl.t.append(t)
@@ -102,7 +135,9 @@ def simulate(
             progress(t / end if end > 0 else 1.0)
     # let in-flight requests finish (no more control; GPU time is counted up to the trace's end)
     fleet.run_until(math.inf, nxt)
-    return score(policy.name, fleet, ctx, end, tl, _time.perf_counter() - wall0)
+    r = score(policy.name, fleet, ctx, end, tl, _time.perf_counter() - wall0)
+    r.knob = policy.knob
+    return r
 
 
 def score(name: str, fleet: Fleet, ctx: SimContext, end: float, tl: Timeline, wall_s: float) -> Result:
@@ -115,6 +150,12 @@ def score(name: str, fleet: Fleet, ctx: SimContext, end: float, tl: Timeline, wa
     tpot_ms[done] = fleet.tpot_of(ids[done]) * 1000.0
     met = done & (ttft <= obj.ttft_s) & (tpot_ms <= obj.tpot_ms)
     dur = max(end, 1e-9)
+    reversals = []
+    for t, iid, role, dt in fleet.reversals:
+        # did the objectives hold over the minute before? (the target allows a reversal on a breach)
+        lo, hi = np.searchsorted(fleet.arr, (t - 60.0, t))
+        att = float(met[lo:hi].mean()) if hi > lo else 1.0
+        reversals.append((t, iid, role.value, dt, att))
     return Result(
         policy=name,
         requests=n,
@@ -134,6 +175,9 @@ def score(name: str, fleet: Fleet, ctx: SimContext, end: float, tl: Timeline, wa
         timeline=tl,
         met=met,
         arrival_s=fleet.arr,
+        reversals=reversals,
+        shed=fleet.shed,
+        aborted=fleet.exhausted,
     )
 
 

@@ -235,3 +235,73 @@ def input_quantiles(window: EventWindow, t0: float, k: int = 32) -> tuple[float,
     qs = np.maximum(qs, 1.0)
     # quantize: 16 steps per octave, so equal-shaped windows map to the same model inputs
     return tuple(float(2.0 ** (round(math.log2(x) * 16) / 16)) for x in qs)
+
+
+FLAG_INPUT_ESTIMATED = 0x04  # ARRIVAL_DTYPE flags bit 2: input_tokens estimated from the text, not counted
+
+
+@dataclass(frozen=True)
+class ArrivalWindow:
+    """Requests that *arrived* within the window (the tap's arrival events), oldest first.
+
+    Arrivals are the leading indicator: a change of rate or of the input-length
+    mix shows here one request lifetime before completions show it. Kept as
+    per-tick chunks (immutable arrays), so extending a window never copies it.
+    """
+
+    chunks: tuple[tuple[FloatArray, FloatArray, np.ndarray], ...] = ()  # (arrival_s, input_tokens, exact)
+    first_s: float | None = None  # when arrival events were first received (coverage of the window)
+
+    def extended(self, arrivals: np.ndarray, now: float, horizon_s: float) -> ArrivalWindow:
+        cut = now - horizon_s
+        kept = tuple(c for c in self.chunks if c[0].size and float(c[0][-1]) > cut)
+        first = self.first_s
+        if arrivals.size:
+            a = np.sort(arrivals, order="arrival_s")
+            t = a["arrival_s"].astype(np.float64)
+            keep = t > cut
+            if keep.any():
+                exact = (a["flags"][keep] & FLAG_INPUT_ESTIMATED) == 0
+                kept = (*kept, (t[keep], a["input_tokens"][keep].astype(np.float64), exact))
+            if first is None:
+                first = now
+        return ArrivalWindow(kept, first)
+
+    def since(self, t0: float) -> tuple[FloatArray, FloatArray, np.ndarray]:
+        if not self.chunks:
+            e = np.empty(0)
+            return e, e, np.empty(0, dtype=bool)
+        t = np.concatenate([c[0] for c in self.chunks])
+        m = t > t0
+        return (t[m], np.concatenate([c[1] for c in self.chunks])[m],
+                np.concatenate([c[2] for c in self.chunks])[m])
+
+
+def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: float, min_samples: int,
+                  burst_bin_s: float, burst_quantile: float) -> tuple[Estimates, tuple[float, ...] | None]:
+    """Rate, short-bin peak and (where counted exactly) input lengths from arrivals; None samples if too few.
+
+    Only once arrival events have covered half a window (an old tap sends none,
+    and a window half-filled with arrivals would read as half the rate).
+    """
+    if win.first_s is None or now - win.first_s < 0.5 * window_s:
+        return est, None
+    t0 = max(now - window_s, win.first_s)
+    covered = now - t0
+    t, inp, exact = win.since(t0)
+    rate = t.size / covered if covered > 0 else est.arrival_rate_rps
+    peak = est.peak_rate_rps
+    nb = int(covered // burst_bin_s)
+    if burst_quantile > 0 and nb >= 2:
+        lo = now - nb * burst_bin_s
+        counts = np.bincount(((t[t >= lo] - lo) // burst_bin_s).astype(np.int64), minlength=nb)[:nb]
+        peak = float(np.quantile(counts, burst_quantile)) / burst_bin_s
+    est = replace(est, arrival_rate_rps=rate, peak_rate_rps=peak)
+    x = inp[exact]
+    if x.size < min_samples:
+        return est, None
+    q50, q90 = np.quantile(thinned(x), [0.5, 0.9])
+    est = replace(est, input_len_mean=float(x.mean()), input_len_m2=float(np.mean(x * x)),
+                  input_len_p50=float(q50), input_len_p90=float(q90))
+    qs = np.maximum(np.quantile(thinned(x), (np.arange(32) + 0.5) / 32), 1.0)
+    return est, tuple(float(2.0 ** (round(math.log2(v) * 16) / 16)) for v in qs)

@@ -19,7 +19,14 @@ from controller.core.control.calibration import (
     update_prefill,
     update_prefill_busy,
 )
-from controller.core.control.estimators import EventWindow, estimate, input_quantiles, thinned
+from controller.core.control.estimators import (
+    ArrivalWindow,
+    EventWindow,
+    estimate,
+    from_arrivals,
+    input_quantiles,
+    thinned,
+)
 from controller.core.control.feedback import Burn, FeedbackState, breaching, measure_burn, update_feedback
 from controller.core.control.forecast import ForecastState, forecast, update
 from controller.core.control.model import Shape, model_target, sticky_shape, workload_shape
@@ -55,6 +62,7 @@ class ControllerState:
     start_s: float
     last_tick_s: float | None = None
     window: EventWindow = field(default_factory=EventWindow.empty)
+    arrivals: ArrivalWindow = field(default_factory=ArrivalWindow)
     in_flight: tuple[tuple[float, int], ...] = ()
     forecaster: ForecastState = field(default_factory=ForecastState)
     calibration: CalibrationState = field(default_factory=CalibrationState)
@@ -174,6 +182,12 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
             output_len_mean=good.output_len_mean, output_len_p90=good.output_len_p90,
             cache_hit_rate=good.cache_hit_rate, lengths_from_history=True,
         )
+    # arrivals lead completions by a request lifetime: rate, burst peak and exact input lengths from them
+    arrivals = state.arrivals.extended(obs.arrivals, now, p.window_s)
+    arrival_samples: tuple[float, ...] | None = None
+    if thin is None or good is not None:
+        est, arrival_samples = from_arrivals(est, arrivals, now, p.window_s, p.min_samples,
+                                             p.burst_bin_s, p.burst_quantile)
     have_lengths = not math.isnan(est.input_len_mean)
     fc_state = state.forecaster
     covered = est.window_covered_s >= 0.5 * p.window_s
@@ -184,6 +198,8 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     )
     if thin is not None and good is not None and state.shape is not None:
         samples = state.shape[3]
+    if arrival_samples is not None:
+        samples = arrival_samples
     # calibrate once the serving counts have held for half a window (pending cold starts do not
     # serve, so they do not freeze it: an error found during an outage is corrected during it)
     stable = now - history.last_change_s >= p.window_s / 2
@@ -206,7 +222,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     new_state = replace(
         state, last_tick_s=now, window=window, in_flight=hist, forecaster=fc_state, calibration=calib,
         last_estimates=est if thin is None else state.last_estimates, ticks=state.ticks + 1,
-        history=history, feedback=feedback, rates=rates,
+        history=history, feedback=feedback, rates=rates, arrivals=arrivals,
     )
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
 
@@ -231,7 +247,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         return result([], new_state, None, cur_p, cur_d)
 
     # --- model target --------------------------------------------------------------------
-    shape = state.shape if (thin is not None and state.shape is not None) else sticky_shape(
+    shape = state.shape if (thin is not None and state.shape is not None and arrival_samples is None) else sticky_shape(
         state.shape, workload_shape(est.input_len_mean, est.output_len_mean, est.cache_hit_rate, samples))
     new_state = replace(new_state, shape=shape)
     try:

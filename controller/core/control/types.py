@@ -13,7 +13,7 @@ from enum import StrEnum
 import numpy as np
 import numpy.typing as npt
 
-from controller.core.events import EVENT_DTYPE, empty_events
+from controller.core.events import ARRIVAL_DTYPE, EVENT_DTYPE, empty_arrivals, empty_events
 
 
 class Role(StrEnum):
@@ -100,6 +100,8 @@ class WorkerStats:
     decode_running_mean: float | None = None  # mean running batch per decode instance over the tick
     decode_tpot_ms_mean: float | None = None  # observed mean step time over the tick
     prefill_busy_fraction: float | None = None  # mean share of time a prefill instance was busy
+    # requests held at the router's decode admission gate (smg): decode demand the workers' queues do not show
+    decode_gate_waiting: int | None = None
 
 
 FloatArray = npt.NDArray[np.float64]
@@ -110,16 +112,20 @@ class Observations:
     """Everything new since the last tick.
 
     `events`: EVENT_DTYPE records of requests *completed* since the last tick;
-    `arrival_s` is on the same clock as `now`.
+    `arrivals`: ARRIVAL_DTYPE records of requests that *arrived* since the last tick (the tap's
+    arrival events; empty where the source has none). Times are on the same clock as `now`.
     """
 
     events: np.ndarray = field(default_factory=empty_events)
     fleet: FleetView = field(default_factory=lambda: FleetView(1, 1))
     stats: WorkerStats = field(default_factory=WorkerStats)
+    arrivals: np.ndarray = field(default_factory=empty_arrivals)
 
     def __post_init__(self) -> None:
         if self.events.dtype != EVENT_DTYPE:
             raise TypeError(f"Observations.events dtype={self.events.dtype}: expected EVENT_DTYPE")
+        if self.arrivals.dtype != ARRIVAL_DTYPE:
+            raise TypeError(f"Observations.arrivals dtype={self.arrivals.dtype}: expected ARRIVAL_DTYPE")
 
 
 @dataclass(frozen=True)
