@@ -288,6 +288,8 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
             parts.append(f"{origin}: {loc}={_short_repr(e['input'])}: {msg}")
         else:
             parts.append(f"{origin}: {loc}: {msg}")
+    if len(parts) > 4:  # a file that is not a config at all (e.g. /etc/passwd) would list every line
+        parts = [*parts[:4], f"and {len(parts) - 4} more problems"]
     return "; ".join(parts)
 
 
