@@ -264,3 +264,41 @@ def test_objectives_and_hardware_without_a_placeholder_load():
     _, want_obj, want_hw = build_inputs(request_from(cfg, {"rate_rps": 2, "input_len": 1000, "output_len": 100}))
     assert obj == want_obj and hw == want_hw
     assert obj.ttft_s == 3 and obj.ttft_quantile == 0.9
+
+
+# ---- every bounded input is answered: a plan, or a one-line reason; never a crash -----------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from controller.planning import MAX_GPUS, MAX_RATE_RPS, MAX_TOKENS, MAX_TPS  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30), st.text(max_size=20),
+                    st.floats(allow_nan=True, allow_infinity=True), st.lists(st.integers(), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rate=st.floats(0, MAX_RATE_RPS), input_len=st.floats(1e-9, MAX_TOKENS), output_len=st.floats(1e-9, MAX_TOKENS),
+    ttft_s=st.floats(1e-9, 86_400), tpot_ms=st.floats(1e-9, 1e6), q=st.none() | st.floats(1e-6, 1 - 1e-9),
+    cv=st.none() | st.floats(0, 100), prefill_tps=st.floats(1e-9, MAX_TPS), decode_tps=st.floats(1e-9, MAX_TPS),
+    gpus=st.none() | st.integers(2, MAX_GPUS), model=st.sampled_from(["mm1", "md1", "mg1"]),
+    extra=st.dictionaries(st.sampled_from(["evaluate", "cache_hit_rate", "dp_groups", "overhead_s"]), _VALUES),
+)
+def test_any_bounded_plan_is_answered_never_crashes(rate, input_len, output_len, ttft_s, tpot_ms, q, cv,
+                                                    prefill_tps, decode_tps, gpus, model, extra):
+    from controller.config import ConfigError
+    from controller.core.errors import PdControllerError
+
+    body = {"rate_rps": rate, "input_len": input_len, "output_len": output_len, "ttft_s": ttft_s, "tpot_ms": tpot_ms,
+            "ttft_quantile": q, "input_len_cv": cv, "prefill_max_tps": prefill_tps, "decode_tps": decode_tps,
+            "gpus": gpus, "prefill_model": model, **extra}
+    try:
+        req = request_from(None, body)
+    except (ConfigError, PdControllerError) as e:
+        assert "\n" not in str(e)
+        return
+    kind, value = execute_tagged(req)
+    assert kind in ("ok", "invalid"), value  # "error" is a crash of the math on a valid input
+    if kind == "ok":
+        json.dumps(value, allow_nan=False)  # strict JSON: no NaN or infinity reaches a client
