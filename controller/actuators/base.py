@@ -27,13 +27,16 @@ from controller.core.control.types import Role
 
 ROLES: tuple[Role, Role] = (Role.PREFILL, Role.DECODE)
 
+__all__ = ["ROLES", "ActionResult", "Actuator", "FleetView", "Outcome", "Role", "WorkerView", "check_role",
+           "other_role", "refused"]
+
 
 def other_role(role: Role | str) -> Role:
     return Role.DECODE if role == Role.PREFILL else Role.PREFILL
 
 
 def check_role(value: object) -> Role:
-    if value not in ROLES:
+    if not isinstance(value, str) or value not in ROLES:
         raise ValueError(f"role={value!r}: expected 'prefill' or 'decode'")
     return Role(value)
 

@@ -21,8 +21,8 @@ class FakeActuator:
         self, prefill: int, decode: int, *, spares: int = 0, guard: FlipGuard | None = None,
         clock: object = None,
     ) -> None:
-        ws = [WorkerView(f"http://fake-p{i}", "prefill") for i in range(prefill)]
-        ws += [WorkerView(f"http://fake-d{i}", "decode") for i in range(decode)]
+        ws = [WorkerView(f"http://fake-p{i}", Role.PREFILL) for i in range(prefill)]
+        ws += [WorkerView(f"http://fake-d{i}", Role.DECODE) for i in range(decode)]
         self.workers = {w.url: w for w in ws}
         self.spares = [f"http://fake-s{i}" for i in range(spares)]
         self.guard = guard or FlipGuard(min_pool_size=1)
