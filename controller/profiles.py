@@ -80,7 +80,14 @@ def load_profile_raw(ref: str | Path) -> dict[str, Any]:
 
 def load_profile(ref: str | Path) -> Profile:
     path = resolve_profile_path(ref)
-    return profile_from_dict(load_profile_raw(path), origin=str(path))
+    raw = load_profile_raw(path)
+    try:
+        return profile_from_dict(raw, origin=str(path))
+    except ProfileError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError) as e:
+        # a shape the validator did not foresee (e.g. a ragged tpot_ms grid): still one line naming the file
+        raise ProfileError(f"{path}: not a valid profile: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
 def write_profile(raw: dict[str, Any], out: Path, header: str = "") -> None:

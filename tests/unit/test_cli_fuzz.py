@@ -69,6 +69,8 @@ PROFILE_FILES = {  # well-formed YAML, wrong profiles
     "negative": "name: x\nprefill: {max_tps: -5}\ndecode: {tps: 1}\n",
     "nested_junk": "name: [1]\nprefill: {input_len: [[1]], tps: {a: 1}}\ndecode: [1, 2]\n",
     "inf": "name: x\nprefill: {max_tps: .inf}\ndecode: {tps: .nan}\n",
+    "ragged_grid": "name: x\nprefill: {max_tps: 10}\ndecode: {batch: [1, 2], context: [10], tpot_ms: [[1, 2], [3]]}\n",
+    "kv_scalar": "name: x\nprefill: {max_tps: 10}\ndecode: {tps: 1}\nkv_transfer: 5\n",
 }
 
 AGENT = {  # well-formed YAML, wrong agent configs
