@@ -302,3 +302,17 @@ def test_any_bounded_plan_is_answered_never_crashes(rate, input_len, output_len,
     assert kind in ("ok", "invalid"), value  # "error" is a crash of the math on a valid input
     if kind == "ok":
         json.dumps(value, allow_nan=False)  # strict JSON: no NaN or infinity reaches a client
+
+
+@pytest.mark.parametrize("raw", [
+    b"\xff\xfe garbage\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+    b"POST /v1/plan HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+    b"POST /v1/plan HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"GET /" + b"%ff" * 3000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["garbage", "huge_header", "negative_length", "bad_chunk", "long_path"])
+async def test_malformed_http_is_4xx_without_traceback(served, no_tracebacks, raw):
+    status, _ = await _raw_request(served.port, raw)
+    assert 400 <= status < 500
+    async with aiohttp.ClientSession() as c, c.get(served.url + "/healthz") as r:
+        assert r.status == 200
