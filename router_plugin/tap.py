@@ -971,6 +971,11 @@ class Tap:
             self.refused["too_large" if e.status == 413 else "body_timeout" if e.status == 408 else "bad_body"] += 1
             resp = web.Response(status=e.status, text=f"pd-router-tap: {e.text}\n")
             resp.force_close()
+            if e.status == 408 and request.transport is not None:
+                # a client too slow to send its body gets no lingering time either: answer and hang up
+                await resp.prepare(request)
+                await resp.write_eof()
+                request.transport.close()
             return resp
         finally:
             self.buffered -= reserved
@@ -1015,7 +1020,7 @@ class Tap:
             return resp if resp is not None else web.Response(status=STATUS_CLIENT_CLOSED)
         except _Unreachable as e:
             return web.Response(status=STATUS_UPSTREAM_FAILED, text=f"pd-router-tap: router unreachable: {e}\n")
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError, _BodyError) as e:
             err = next((s.error for s in made if s.error is not None), None)
             if resp is None and err is not None:
                 return self._body_refusal(err)
@@ -1103,7 +1108,7 @@ class Tap:
         except _Unreachable as e:
             record(STATUS_UPSTREAM_FAILED)
             return web.Response(status=STATUS_UPSTREAM_FAILED, text=f"pd-router-tap: router unreachable: {e}\n")
-        except (TimeoutError, aiohttp.ClientError) as e:
+        except (TimeoutError, aiohttp.ClientError, _BodyError) as e:
             err = next((s.error for s in made if s.error is not None), None)
             if resp is None and err is not None:  # the client's body broke the upload, not the router
                 record(err.status)
@@ -1207,8 +1212,10 @@ async def start_server(tap: Tap, host: str, port: int) -> TapServer:
     keep-alive timeout (counted from the connection or from the last answer), so
     `header_timeout_s` serves as both the header read timeout and the idle keep-alive time.
     """
+    # lingering_time: after refusing a body (413) keep reading and discarding it for 2 s at most,
+    # so the client can read the answer instead of a reset; then close
     runner = web.AppRunner(tap.app(), access_log=None, keepalive_timeout=tap.limits.header_timeout_s,
-                           handle_signals=False)
+                           handle_signals=False, lingering_time=2.0)
     await runner.setup()
     assert runner.server is not None
     loop = asyncio.get_running_loop()

@@ -145,7 +145,10 @@ async def _records(sub, n: int) -> list[tuple]:
 @pytest.mark.parametrize("stream", [False, True])
 async def test_bodies_identical_and_event_published(tap_server, path, stream):
     tap_url, up_url, _tap, sub, upapp = tap_server
-    body = {"stream": stream, "prompt": "hi"} if path != "/generate" else {"stream": stream, "text": "hi"}
+    if path == "/generate":
+        body = {"stream": stream, "text": "hi"}
+    else:
+        body = {"model": "m", "stream": stream, "prompt" if path == "/v1/completions" else "messages": "hi"}
     async with aiohttp.ClientSession() as s:
         async with s.post(up_url + path, json=body) as r:
             direct = await r.read()
