@@ -238,3 +238,42 @@ async def test_background_reconciler_starts_with_the_fleet_and_stops_on_close(fl
 def test_miss_probability_threshold(peers, m, fails):
     # (n/(n+1))^m < 1e-3: with 2 peers that is 18 requests or more
     assert (miss_probability(peers, m) < 1e-3) is fails
+
+
+class BelievingAgent:
+    """An agent that reports what it believes (running/prefill, healthy by URL) whatever serves on its port."""
+
+    def __init__(self, url: str, role: str) -> None:
+        from controller.agent.protocol import Reply
+
+        self.endpoints = {url: "tcp://127.0.0.1:1"}
+        self.reply = Reply(id="x", ok=True, state="running", role=role, healthy=True, url=url)
+        self.switches: list[str] = []
+
+    async def status(self, url: str):
+        return self.reply
+
+    async def switch(self, url: str, to_role: str, timeout_s: float) -> None:
+        self.switches.append(to_role)  # "already running as to_role": nothing to do, it believes
+
+
+async def test_agent_report_never_overrides_what_the_worker_serves(fleet: ContractFleet, registry):
+    # a restarted agent reports running/prefill while the (orphaned) server on its port serves decode: the
+    # switcher must say decode, and a "switch to prefill" the agent claims done must fail, not register it
+    from controller.actuators.errors import AgentError
+    from controller.actuators.http import Http
+    from controller.actuators.metrics import ActuatorMetrics
+    from controller.actuators.retry import Retrier
+    from controller.actuators.switch import AgentRestart
+    from controller.actuators.worker import WorkerClient
+
+    http = Http(2.0)
+    url = fleet.url("d1")
+    sw = AgentRestart(BelievingAgent(url, "prefill"), http,  # type: ignore[arg-type]
+                      WorkerClient(http, Retrier("worker", ActuatorMetrics(registry), retries=0)))
+    try:
+        assert await sw.current_role(url) == "decode"
+        with pytest.raises(AgentError, match=r"reports running as prefill but the server on .* serves decode"):
+            await sw.switch(url, "prefill", 1.0)
+    finally:
+        await http.close()
