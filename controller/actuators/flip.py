@@ -327,7 +327,7 @@ class DrainedFlipper:
                     raise
                 log.warning("flip_router_wait", op=what, worker=url, why=e.why, retry_in_s=delay)
                 await self.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)  # a short cap: the router back means registered soon after
 
     async def find(self, url: str) -> WorkerView | None:
         return await self._patient("find", url, self.t.register_s, lambda: self.router.find(url))
