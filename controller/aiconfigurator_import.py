@@ -76,6 +76,11 @@ class AicRequest:
     nextn: int = 0  # MTP draft depth (0: off)
     nextn_accepted: float | None = None  # accepted draft tokens per step (required when nextn > 0)
     memory_fraction: float = 0.9  # SGLang's --mem-fraction-static default on large GPUs
+    # aiconfigurator's own default latency corrections for disaggregated serving estimates
+    # (aiconfigurator/cli/api.py DEFAULT_{PREFILL,DECODE}_LATENCY_CORRECTION_SCALE = 1.1, 1.08): the
+    # static op sums are multiplied by these to match what a served engine shows. 1.0 turns them off.
+    prefill_correction: float = 1.1
+    decode_correction: float = 1.08
     isl: Sequence[int] = DEFAULT_ISL
     batch: Sequence[int] = DEFAULT_BATCH
     context: Sequence[int] = DEFAULT_CONTEXT
@@ -91,6 +96,9 @@ class AicRequest:
             raise ProfileError(
                 f"nextn_accepted={self.nextn_accepted!r}: with nextn={self.nextn} it must be given, 0 <= accepted <= nextn"
             )
+        for key in ("prefill_correction", "decode_correction"):
+            if not 0.5 <= getattr(self, key) <= 2.0:
+                raise ProfileError(f"{key}={getattr(self, key)!r}: must be in [0.5, 2]")
         if not 0 < self.memory_fraction <= 1:
             raise ProfileError(f"memory_fraction={self.memory_fraction!r}: must be in (0, 1]")
         for key in ("isl", "batch", "context"):
@@ -171,14 +179,14 @@ def import_aiconfigurator(req: AicRequest) -> dict[str, Any]:
         with _quiet():
             for isl in req.isl:
                 r = cli_estimate(req.model, req.system, mode="static_ctx", isl=int(isl), osl=2, batch_size=1, **kw)
-                prefill_ms.append(float(r.ttft))
+                prefill_ms.append(float(r.ttft) * req.prefill_correction)
                 meta = {"version": r.backend_version, "gemm": r.raw.get("gemm"), "kvcache": r.raw.get("kvcache"),
                         "fmha": r.raw.get("fmha"), "moe": r.raw.get("moe"), "weights_gib": r.raw.get("memory")}
             for ctx in req.context:
                 row = []
                 for b in req.batch:
                     r = cli_estimate(req.model, req.system, mode="static_gen", isl=int(ctx), osl=2, batch_size=int(b), **kw)
-                    row.append(float(r.tpot))
+                    row.append(float(r.tpot) * req.decode_correction)
                 decode.append(row)
             kv = estimate_kv_cache(
                 req.model, req.system, req.backend, meta["version"],
@@ -227,8 +235,9 @@ def import_aiconfigurator(req: AicRequest) -> dict[str, Any]:
         "notes": (
             "Modelled, not measured end to end: aiconfigurator composes per-operation timings collected on silicon "
             f"(GEMM, attention, MoE, communication) into one forward pass of {req.model} at {par} on {req.system} "
-            f"under {req.backend} {meta['version']} ({quant}). Prefill: static_ctx at batch 1 per input length. "
-            "Decode: static_gen step time at batch b with every sequence at context c. "
+            f"under {req.backend} {meta['version']} ({quant}). Prefill: static_ctx at batch 1 per input length, "
+            f"x {req.prefill_correction:g}. Decode: static_gen step time at batch b with every sequence at context c, "
+            f"x {req.decode_correction:g} (aiconfigurator's default latency corrections for disaggregated serving). "
             + mtp_note
             + f"KV capacity: aiconfigurator's memory model at memory fraction {req.memory_fraction} of {mem_gib:.0f} GiB "
             f"per GPU ({per_token:.0f} bytes of KV per token per GPU). No fixed overhead and no KV-transfer time are "
