@@ -24,6 +24,7 @@ SUBCOMMANDS = (
     "demo",
     "plan",
     "simulate",
+    "bench",
     "run",
     "profile",
     "emulate_worker",

@@ -16,6 +16,17 @@
 - Instances flip (drain: no new work, finish what they hold; then switch for
   flip_time_s) and scale (cold start for cold_start_s; scale-down drains then
   releases). GPU-seconds count every allocated instance, busy or not.
+- Flip reversals: each instance keeps the time of its last role change and the
+  role it left; a flip back to that role within `reversal_window_s` is logged
+  (an instance moved back to the role it just left).
+- Decode admission gate (smg): with `decode_max_running` > 0 the router picks
+  the decode worker at dispatch, as smg does; once every serving decode worker
+  holds that many requests (dispatched, not finished) the request waits in a
+  router-side FIFO, and is shed (503, a miss) after `gate_timeout_s`.
+- Early stop: with `set_objectives(..., miss_budget=k)` the fleet counts
+  misses as they become certain (TTFT at decode admission, TPOT at finish, a
+  shed request), so a search can abandon a candidate once it has missed more
+  than k requests: its attainment is then known to be below the target.
 """
 
 from __future__ import annotations
@@ -30,9 +41,18 @@ from enum import IntEnum
 import numpy as np
 
 from controller.core.control.types import Action, ActionKind, FleetView, Role, Transition, WorkerStats
+from controller.core.errors import PdControllerError
 from controller.core.events import EVENT_DTYPE
 from controller.core.profile import Profile
 from controller.sim.traces import MOONCAKE_BLOCK_TOKENS, Trace
+
+# a sanity bound: a policy asking for more instances than this has been fed a degenerate input
+# (a zero-length trace once sized a static fleet for 1e9 req/s and grew memory without bound)
+MAX_INSTANCES = 4096
+
+
+class SimError(PdControllerError, ValueError):
+    """The simulated fleet was asked for something it cannot model (the message says what)."""
 
 
 class St(IntEnum):
@@ -61,6 +81,11 @@ class Instance:
     busy_s: float = 0.0  # accumulated busy time (prefill), for utilisation
     busy_since: float = 0.0
     cache: OrderedDict[int, None] | None = None
+    # role history, for flip reversals
+    last_flip_s: float | None = None
+    prev_role: Role | None = None
+    dispatched: int = 0  # decode gate: requests routed here (at dispatch) and not yet finished
+    pending: int = 0  # decode gate: dispatched here, still in prefill (not yet in `waiting`)
     # decode
     running: dict[int, float] = field(default_factory=dict)  # rid -> finishing token clock
     heap: list[tuple[float, int]] = field(default_factory=list)
@@ -75,7 +100,7 @@ class Instance:
     def load(self) -> int:
         if self.role is Role.PREFILL:
             return len(self.queue) + (1 if self.busy_rid >= 0 else 0)
-        return len(self.running) + len(self.waiting)
+        return len(self.running) + len(self.waiting) + self.pending
 
     def idle(self) -> bool:
         return self.load() == 0
@@ -86,6 +111,7 @@ class Ev(IntEnum):
     DECODE_JOIN = 1
     DECODE_NEXT = 2
     READY = 3
+    GATE_TIMEOUT = 4
 
 
 @dataclass
@@ -94,6 +120,9 @@ class SimConfig:
     cold_start_s: float = 300.0
     router: str = "least-load"  # or "round-robin"
     prefix_cache_blocks: int = 0  # per prefill instance; 0 = derive from the profile's KV capacity
+    decode_max_running: int = 0  # smg decode admission gate: per decode worker cap; 0 = no gate
+    gate_timeout_s: float = 30.0  # smg sheds a request held this long at the gate (503)
+    reversal_window_s: float = 300.0  # a flip back to the role just left within this is a reversal
 
 
 class TpotTable:
@@ -126,6 +155,18 @@ class TpotTable:
         return self.rows[j - 1][b] * (1 - w) + self.rows[j][b] * w
 
 
+_TPOT_TABLES: dict[int, tuple[Profile, TpotTable]] = {}
+
+
+def _tpot_table(profile: Profile) -> TpotTable:
+    """One table per profile object (building it takes ~0.2 s; a reference search builds hundreds of fleets)."""
+    hit = _TPOT_TABLES.get(id(profile))
+    if hit is None or hit[0] is not profile:
+        hit = (profile, TpotTable(profile))
+        _TPOT_TABLES[id(profile)] = hit
+    return hit[1]
+
+
 class Fleet:
     def __init__(self, trace: Trace, profile: Profile, cfg: SimConfig, n_prefill: int, n_decode: int, overhead_s: float) -> None:
         self.trace = trace
@@ -146,7 +187,7 @@ class Fleet:
         self.join_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
         self.pdone_s = np.full(n, np.nan)
-        self.tpot = TpotTable(profile)
+        self.tpot = _tpot_table(profile)
         kv = profile.decode_curve.kv_capacity_tokens if profile.decode_curve is not None else None
         self.kv_cap = float(kv) if kv else math.inf
         blocks = cfg.prefix_cache_blocks or (int(self.kv_cap / MOONCAKE_BLOCK_TOKENS) if math.isfinite(self.kv_cap) else 1 << 20)
@@ -159,10 +200,38 @@ class Fleet:
         self.in_flight = 0
         self.flips = 0
         self.scale_events = 0
+        # flip log: (time, instance, from, to); reversals: (time, instance, to, seconds since it left `to`)
+        self.flip_log: list[tuple[float, int, Role, Role]] = []
+        self.reversals: list[tuple[float, int, Role, float]] = []
+        # decode admission gate (router side)
+        self.dec_of = np.full(n, -1, dtype=np.int64)
+        self.gate_q: deque[int] = deque()
+        self.gate_shed: set[int] = set()  # ids shed while in gate_q (skipped lazily)
+        self.gate_waiting = 0
+        self.shed = 0
+        # early stop
+        self.ttft_lim = math.inf
+        self.tpot_lim = math.inf
+        self.miss_budget = math.inf
+        self.missed = np.zeros(n, dtype=bool)
+        self.misses = 0
         for _ in range(n_prefill):
             self._new(Role.PREFILL, 0.0, ready=True)
         for _ in range(n_decode):
             self._new(Role.DECODE, 0.0, ready=True)
+
+    def set_objectives(self, ttft_s: float, tpot_s: float, miss_budget: float = math.inf) -> None:
+        """Count misses as they happen; `exhausted` once more than `miss_budget` requests missed."""
+        self.ttft_lim, self.tpot_lim, self.miss_budget = ttft_s, tpot_s, miss_budget
+
+    @property
+    def exhausted(self) -> bool:
+        return self.misses > self.miss_budget
+
+    def _miss(self, rid: int) -> None:
+        if not self.missed[rid]:
+            self.missed[rid] = True
+            self.misses += 1
 
     # --- bookkeeping --------------------------------------------------------------------------
     def _push(self, t: float, kind: Ev, a: int, b: int = 0) -> None:
@@ -170,6 +239,9 @@ class Fleet:
         heapq.heappush(self.heap, (t, self.seq, int(kind), a, b))
 
     def _new(self, role: Role, now: float, ready: bool) -> Instance:
+        if len(self.instances) >= MAX_INSTANCES:
+            raise SimError(f"fleet size={len(self.instances) + 1}: beyond the simulator's bound of {MAX_INSTANCES} "
+                           "instances (a degenerate trace or objective asked for it)")
         gp = self.profile.prefill_gpus_per_instance if role is Role.PREFILL else self.profile.decode_gpus_per_instance
         inst = Instance(len(self.instances), role, St.SERVING if ready else St.STARTING, gp, now)
         if role is Role.PREFILL:
@@ -226,6 +298,62 @@ class Fleet:
     # --- prefill ------------------------------------------------------------------------------
     def arrive(self, rid: int, now: float) -> None:
         self.in_flight += 1
+        if self.cfg.decode_max_running > 0:
+            dec = self._gate_pick()
+            if dec is None:
+                self.gate_q.append(rid)
+                self.gate_waiting += 1
+                self._push(now + self.cfg.gate_timeout_s, Ev.GATE_TIMEOUT, rid)
+                return
+            self._dispatch(rid, dec, now)
+            return
+        self._to_prefill(rid, now)
+
+    def _gate_pick(self) -> Instance | None:
+        """smg: the least-loaded serving decode worker with a free slot, else None (hold at the gate)."""
+        cap = self.cfg.decode_max_running
+        free = [i for i in self.serving(Role.DECODE) if i.dispatched < cap]
+        if not free:
+            if not self.serving(Role.DECODE):
+                # no decode worker serving at all (all in transition): smg has none to gate on either
+                pool = [i for i in self.instances if i.role is Role.DECODE and i.state is not St.GONE]
+                free = [i for i in pool if i.dispatched < cap]
+            if not free:
+                return None
+        return min(free, key=lambda i: (i.dispatched, i.iid))
+
+    def _dispatch(self, rid: int, dec: Instance, now: float) -> None:
+        dec.dispatched += 1
+        dec.pending += 1
+        self.dec_of[rid] = dec.iid
+        self._to_prefill(rid, now)
+
+    def _gate_release(self, iid: int, now: float) -> None:
+        self.instances[iid].dispatched -= 1
+        while self.gate_q:
+            rid = self.gate_q[0]
+            if rid in self.gate_shed:
+                self.gate_q.popleft()
+                self.gate_shed.discard(rid)
+                continue
+            dec = self._gate_pick()
+            if dec is None:
+                return
+            self.gate_q.popleft()
+            self.gate_waiting -= 1
+            self._dispatch(rid, dec, now)
+
+    def _gate_timeout(self, rid: int, now: float) -> None:
+        if self.dec_of[rid] >= 0 or rid in self.gate_shed or not np.isnan(self.done_s[rid]):
+            return
+        # still held at the gate: smg answers 503
+        self.gate_shed.add(rid)
+        self.gate_waiting -= 1
+        self.shed += 1
+        self.in_flight -= 1
+        self._miss(rid)
+
+    def _to_prefill(self, rid: int, now: float) -> None:
         inst = self._pick(Role.PREFILL)
         inst.queue.append(rid)
         if inst.busy_rid < 0:
@@ -265,7 +393,11 @@ class Fleet:
         inst.busy_s += now - inst.busy_since
         inst.busy_rid = -1
         self.pdone_s[rid] = now
-        dec = self._pick(Role.DECODE)
+        if self.dec_of[rid] >= 0:
+            dec = self.instances[int(self.dec_of[rid])]
+            dec.pending -= 1
+        else:
+            dec = self._pick(Role.DECODE)
         self._push(now + float(self.kvx[rid]), Ev.DECODE_JOIN, dec.iid, rid)
         dec.waiting.append(-1 - rid)  # placeholder: reserved slot in FIFO order (arrives after KV transfer)
         if inst.queue:
@@ -310,6 +442,8 @@ class Fleet:
                 break
             inst.waiting.popleft()
             self.join_s[rid] = now
+            if now - self.arr[rid] + self.overhead_s > self.ttft_lim:
+                self._miss(rid)
             ntok = int(self.out[rid]) - 1  # the first token came from prefill
             if ntok <= 0:
                 self._finish(rid, now)
@@ -344,6 +478,11 @@ class Fleet:
         self.done_s[rid] = now
         self.in_flight -= 1
         self.completed.append(rid)
+        n = int(self.out[rid]) - 1
+        if n > 0 and (now - self.join_s[rid]) / n > self.tpot_lim:
+            self._miss(rid)
+        if self.dec_of[rid] >= 0:
+            self._gate_release(int(self.dec_of[rid]), now)
 
     # --- lifecycle ----------------------------------------------------------------------------
     def _maybe_drained(self, inst: Instance, now: float) -> None:
@@ -394,6 +533,10 @@ class Fleet:
         inst.state = St.DRAINING
         inst.target_role = dst
         self.flips += 1
+        self.flip_log.append((now, inst.iid, src, dst))
+        if inst.prev_role is dst and inst.last_flip_s is not None and now - inst.last_flip_s < self.cfg.reversal_window_s:
+            self.reversals.append((now, inst.iid, dst, now - inst.last_flip_s))
+        inst.prev_role, inst.last_flip_s = src, now
         if self.cfg.flip_time_s <= 0 and inst.idle():
             inst.role, inst.target_role, inst.state = dst, None, St.SERVING
             inst.g, inst.g_t = 0.0, now
@@ -425,6 +568,8 @@ class Fleet:
         heap = self.heap
         i = next_arrival
         while True:
+            if self.misses > self.miss_budget:
+                return i  # early stop: this candidate is already below the target
             ta = arr[i] if i < n else math.inf
             te = heap[0][0] if heap else math.inf
             if i >= n and not heap:
@@ -444,6 +589,8 @@ class Fleet:
                 self._prefill_done(a, b, t)
             elif kind == Ev.DECODE_JOIN:
                 self._decode_join(a, b, t)
+            elif kind == Ev.GATE_TIMEOUT:
+                self._gate_timeout(a, t)
             else:
                 self._ready(a, b, t)
 
@@ -479,6 +626,9 @@ class Fleet:
             last_busy[i.iid] = b
         running = [len(i.running) for i in dec]
         steps = [i.step_s for i in dec if i.running]
+        extra: dict[str, int] = {}
+        if "decode_gate_waiting" in WorkerStats.__dataclass_fields__:  # helper SMG's field, once it lands
+            extra["decode_gate_waiting"] = self.gate_waiting
         return WorkerStats(
             in_flight=self.in_flight,
             prefill_queued=sum(len(i.queue) for i in pre),
@@ -486,4 +636,5 @@ class Fleet:
             decode_running_mean=float(np.mean(running)) if running else None,
             decode_tpot_ms_mean=float(np.mean(steps)) * 1000.0 if steps else None,
             prefill_busy_fraction=min(1.0, busy / (dt * len(pre))) if pre and dt > 0 else None,
+            **extra,  # type: ignore[arg-type]
         )

@@ -48,6 +48,8 @@ from controller.core.sizing import Hardware, Workload, instance_capacity
 from controller.sim.traces import Trace
 
 POLICIES = ("slo", "static", "static-peak", "threshold", "throughput", "oracle")
+# needs an optional extra (NVIDIA Dynamo's planner, controller/sim/dynamo_policy.py); not part of "all"
+OPTIONAL_POLICIES = ("dynamo",)
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,9 @@ def _trace_shape(trace: Trace, lo: float = -math.inf, hi: float = math.inf) -> t
         return 0.0, 0.0, 0.0, 0.0, ()
     cached = trace.cached_tokens[m]
     hit = float(np.clip(cached, 0, None).sum() / inp.sum()) if np.all(cached >= 0) else _hash_hit_estimate(trace, m)
-    span = (min(hi, trace.duration_s) - max(lo, 0.0)) if math.isfinite(hi) else max(trace.duration_s, 1e-9)
+    # at least one second: a one-request (zero-duration) trace once sized a fleet for 1e9 req/s
+    span = (min(hi, trace.duration_s) - max(lo, 0.0)) if math.isfinite(hi) else trace.duration_s
+    span = max(span, 1.0)
     qs = np.quantile(inp, (np.arange(32) + 0.5) / 32)
     samples = tuple(float(2.0 ** (round(math.log2(max(x, 1.0)) * 16) / 16)) for x in qs)
     return float(inp.size / max(span, 1e-9)), float(inp.mean()), float(trace.output_tokens[m].mean()), min(hit, 0.99), samples
@@ -105,6 +109,8 @@ def _fixed_split(ctx: SimContext, p_exact: float, d_exact: float, current_p: int
 
 class Policy:
     name = "policy"
+    dynamic = True  # False: never decides (the runner skips its ticks)
+    knob: float | None = None  # a baseline's swept setting, reported with its result
     flip_time_s: float | None = None  # override of the fleet's (oracle: zero)
     cold_start_s: float | None = None
 
@@ -164,6 +170,7 @@ class SloPolicy(Policy):
 class StaticPolicy(Policy):
     name = "static"
     peak = False
+    dynamic = False
 
     def _size(self) -> tuple[int, int]:
         tr = self.ctx.trace
@@ -177,7 +184,9 @@ class StaticPolicy(Policy):
         pe, de = rate / cap.prefill_rate_rps, rate / cap.decode_rate_rps
         if self.ctx.mode is Mode.FIXED:
             return _fixed_split(self.ctx, pe, de, 1)
-        return max(1, math.ceil(pe - 1e-9)), max(1, math.ceil(de - 1e-9))
+        prm = self.ctx.spec.params
+        return (min(max(1, math.ceil(pe - 1e-9)), prm.max_prefill),
+                min(max(1, math.ceil(de - 1e-9)), prm.max_decode))
 
     def initial(self) -> tuple[int, int]:
         return self._size()
@@ -190,6 +199,8 @@ class StaticPeakPolicy(StaticPolicy):
 
 class FixedSplitPolicy(Policy):
     """A given static split (used to sweep every split of a fixed budget)."""
+
+    dynamic = False
 
     def __init__(self, ctx: SimContext, p: int, d: int) -> None:
         super().__init__(ctx)
@@ -209,8 +220,11 @@ class ThresholdPolicy(Policy):
     sync_s = 15.0
     down_window_s = 300.0
 
-    def __init__(self, ctx: SimContext) -> None:
+    def __init__(self, ctx: SimContext, target_util: float | None = None) -> None:
         super().__init__(ctx)
+        if target_util is not None:
+            self.target_util = target_util
+        self.knob = self.target_util
         self.next_sync = 0.0
         self.busy_acc: list[float] = []
         self.batch_acc: list[float] = []
@@ -277,9 +291,13 @@ class ThroughputPolicy(Policy):
 
     name = "throughput"
     interval_s = 60.0
+    utilisation = 1.0  # Dynamo sizes at full utilisation; the matrix sweeps this knob
 
-    def __init__(self, ctx: SimContext) -> None:
+    def __init__(self, ctx: SimContext, utilisation: float | None = None) -> None:
         super().__init__(ctx)
+        if utilisation is not None:
+            self.utilisation = utilisation
+        self.knob = self.utilisation
         self.next_at = self.interval_s
         self.arrivals: list[np.ndarray] = []
 
@@ -299,8 +317,8 @@ class ThroughputPolicy(Policy):
         prof = self.ctx.profile
         tpmax = prof.prefill.max_tps_at(isl)
         cap = instance_capacity(Workload(1.0, isl, osl), self.ctx.spec.objectives, self.ctx.spec.hardware)
-        pe = rate * isl / tpmax
-        de = rate * osl / cap.decode.tps
+        pe = rate * isl / (tpmax * self.utilisation)
+        de = rate * osl / (cap.decode.tps * self.utilisation)
         fleet = obs.fleet
         cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
         if self.ctx.mode is Mode.FIXED:
@@ -363,6 +381,10 @@ def make_policy(name: str, ctx: SimContext) -> Policy:
         "slo": SloPolicy, "static": StaticPolicy, "static-peak": StaticPeakPolicy,
         "threshold": ThresholdPolicy, "throughput": ThroughputPolicy, "oracle": OraclePolicy,
     }
+    if name == "dynamo":  # lazy: the simulator runs without the extra; absent, this raises a clear error
+        from controller.sim.dynamo_policy import DynamoPolicy
+
+        return DynamoPolicy(ctx)
     if name not in classes:
         raise ValueError(f"policy={name!r}: expected one of {', '.join(POLICIES)}")
     return classes[name](ctx)

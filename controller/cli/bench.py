@@ -1,0 +1,87 @@
+"""`pd-controller bench`: every policy and reference on every scenario of the matrix, in parallel."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from controller.core.errors import ModelInputError
+from controller.sim.matrix import POLICY_NAMES, Bar, jobs_for, run_jobs, write_report
+from controller.sim.scenarios import SCENARIOS_DIR, find_scenarios, load_scenario
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run the scenario matrix (every policy, swept baselines, static-best, oracle) and write a report",
+        description="Runs every policy on every scenario of configs/scenarios in worker processes and writes "
+        "report.md, report.json and one plot per scenario into --out. References: static-best (the cheapest "
+        "static fleet reaching the attainment target, or the best split of a fixed budget, by simulation), the "
+        "oracle (per window the smallest fleet meeting the target, by simulation), threshold and throughput "
+        "swept over their utilisation knob.",
+    )
+    p.add_argument("--scenario", action="append", metavar="GLOB|FILE",
+                   help="scenario name glob (e.g. 'azure-*') or file; repeat or comma-separate (default: all)")
+    p.add_argument("--scenario-dir", default=str(SCENARIOS_DIR), help="where scenario files are (default configs/scenarios)")
+    p.add_argument("--policy", default=",".join(POLICY_NAMES),
+                   help=f"comma-separated subset of {','.join(POLICY_NAMES)} (default all)")
+    p.add_argument("--jobs", "-j", type=int, default=None, help="worker processes (default: CPU count)")
+    p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
+    p.add_argument("--no-plots", action="store_true", help="skip the per-scenario plots")
+    p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    pols = _split([args.policy])
+    bad = [x for x in pols if x not in POLICY_NAMES]
+    if bad or not pols:
+        raise ModelInputError("policy", args.policy, f"expected a comma-separated subset of {','.join(POLICY_NAMES)}")
+    workers = args.jobs if args.jobs is not None else (os.cpu_count() or 1)
+    if workers < 1 or workers > 256:
+        raise ModelInputError("jobs", workers, "must be between 1 and 256")
+    sdir = Path(args.scenario_dir)
+    if not sdir.is_dir():
+        raise ModelInputError("scenario_dir", args.scenario_dir, "no such directory")
+    paths = find_scenarios(_split(args.scenario) or None, sdir)
+    if not paths:
+        raise ModelInputError("scenario", args.scenario, f"no scenario files in {sdir}")
+    # validate every file before starting any worker: a typo fails in a second, not after the run
+    scenarios = {str(p): load_scenario(p) for p in paths}
+    if args.list:
+        for p, sc in scenarios.items():
+            print(f"{sc.name:<40} {sc.mode.value:<8} {sc.profile:<22} {p}")
+        return 0
+    jobs = jobs_for(paths, pols)
+    bar = Bar(len(jobs))
+    t0 = time.perf_counter()
+    started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    results = run_jobs(jobs, workers, on_done=lambda r: bar.step(f"{r.get('name', '')} {r['label']}"))
+    bar.close()
+    wall = time.perf_counter() - t0
+    meta = {"scenarios": len(scenarios), "jobs": len(jobs), "workers": workers, "wall_s": wall, "started": started,
+            "command": "pd-controller bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
+            else "pd-controller bench", "policies": pols}
+    out = Path(args.out)
+    rows, summary = write_report(out, scenarios, results, meta, plots=not args.no_plots)
+    errs = sum(1 for r in results if r.get("error"))
+    print(f"{len(scenarios)} scenarios, {len(jobs)} jobs, {wall:.0f} s on {workers} workers; "
+          f"report {out / 'report.md'}" + (f"; {errs} jobs failed (see the report)" if errs else ""))
+    for r in rows:
+        fails = [k for k, c in r["checks"].items() if c["pass"] is False]
+        slo = r["slo"]
+        att = f"{slo['slo_attainment'] * 100:.2f}%" if slo else "-"
+        print(f"  {r['scenario']:<40} slo {att:>8}  " + ("all targets pass" if not fails else "fails: " + ", ".join(fails)))
+    med = summary["median_gpu_vs_static_best"]
+    if med is not None:
+        print(f"  median elastic slo GPU-hours / static-best: {med:.2f}x (target <= 0.80x)")
+    return 0
