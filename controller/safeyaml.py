@@ -107,7 +107,7 @@ def _loader(limits: YamlLimits) -> type[yaml.SafeLoader]:
             try:
                 if self._depth > limits.max_depth:
                     raise _LimitError(f"nested deeper than {limits.max_depth} levels")
-                return super().compose_node(parent, index)  # type: ignore[no-any-return]
+                return super().compose_node(parent, index)
             finally:
                 self._depth -= 1
 
