@@ -260,8 +260,8 @@ class Stack:
         except (OSError, ValueError):
             return {}
 
-    async def wait_step(self, step: str, timeout_s: float = 60.0) -> tuple[str, dict[str, Any]]:
-        """Wait until a journaled flip reaches `step`; the cue is withdrawn once the flip has started."""
+    async def wait_step(self, step: str | None, timeout_s: float = 60.0) -> tuple[str, dict[str, Any]]:
+        """Wait until a journaled flip reaches `step` (None: any step); the cue is withdrawn once it started."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             recs = self.journal_records()
@@ -269,7 +269,7 @@ class Stack:
                 with contextlib.suppress(FileNotFoundError):
                     self.cue.unlink()
             for url, r in recs.items():
-                if r.get("step") == step:
+                if step is None or r.get("step") == step:
                     return url, r
             await asyncio.sleep(0.05)
         raise TimeoutError(f"no flip reached {step} in {timeout_s:g}s (journal: {self.journal_records()})")
@@ -513,7 +513,7 @@ async def light_load_flips(stack: Stack, n: int = 4, rate_rps: float = 0.3) -> C
     async with Load(stack.tap_url, rate_rps) as load:
         for k in range(n):
             stack.cue_flip("prefill" if k % 2 == 0 else "decode")
-            await stack.wait_step("planned")
+            await stack.wait_step(None)
             await stack.wait_no_flip()
             t0 = time.monotonic()
             dt, state = await stack.time_to_consistency(t0)
