@@ -44,7 +44,7 @@ CASES = [
     ("azure-code x4, 70B H100 TP8, 2P1D", AZURE_CODE, 4.0, "llama31-70b-h100-tp8", 2, 1),
     ("azure-conv x2, 70B H200 TP8, 1P1D", AZURE_CONV, 2.0, "llama31-70b-h200-tp8", 1, 1),
     ("azure-conv x1, Qwen3-32B H100 TP2, 1P1D", AZURE_CONV, 1.0, "qwen3-32b-h100-tp2", 1, 1),
-    ("azure-conv x2, 70B H100 TP8 (splitwise 2023), 1P2D", AZURE_CONV, 2.0, "llama2-70b-h100-tp8", 1, 2),
+    ("azure-conv x1, 70B H100 TP8 (splitwise 2023), 1P2D", AZURE_CONV, 1.0, "llama2-70b-h100-tp8", 1, 2),
 ]
 
 
@@ -99,10 +99,37 @@ def dynamo(trace_path: Path, npz: Path, p: int, d: int) -> dict:
     return dict(r.summary)
 
 
+def scenario_table(paths: list[str]) -> None:
+    """`dynamo` (Dynamo's planner engine) next to the `throughput` imitation and `slo` on matrix scenarios."""
+    from controller.sim.policies import ThroughputPolicy, make_policy
+    from controller.sim.runner import simulate
+    from controller.sim.scenarios import build, load_scenario
+
+    print("| scenario | policy | SLO attainment | GPU-hours | TTFT p99 s | scale events | flips |")
+    print("|---|---|---|---|---|---|---|")
+    for path in paths:
+        sc = load_scenario(path)
+        ctx, sim = build(sc)
+        for name in ("dynamo", "throughput", "slo"):
+            if name == "dynamo":
+                from controller.sim.dynamo_policy import DynamoPolicy
+
+                pol = DynamoPolicy(ctx)
+            elif name == "throughput":
+                pol = ThroughputPolicy(ctx)
+            else:
+                pol = make_policy(name, ctx)
+            r = simulate(pol, ctx, sim)
+            print(f"| {sc.name} | {name} | {r.slo_attainment:.1%} | {r.gpu_hours:.1f} | {r.ttft_p99_s:.2f} | "
+                  f"{r.scale_events} | {r.flips} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--markdown", action="store_true")
-    ap.parse_args()
+    ap.add_argument("--scenario", action="append", default=[],
+                    help="instead of the replay cross-check: run dynamo / throughput / slo on these matrix scenarios")
+    a = ap.parse_args()
     import importlib.util
 
     if importlib.util.find_spec("dynamo") is None:
@@ -110,6 +137,9 @@ def main() -> int:
         return 2
     logging.disable(logging.WARNING)
     os.environ.setdefault("DYN_LOG", "error")
+    if a.scenario:
+        scenario_table(a.scenario)
+        return 0
     from controller.profiles import load_profile
 
     print("| case | requests | TTFT p50 s ours / Dynamo | TTFT p90 s ours / Dynamo | TPOT p50 ms ours / Dynamo "

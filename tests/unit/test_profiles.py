@@ -167,3 +167,25 @@ def test_profile_check_reports_load_errors_in_one_line(tmp_path, capsys) -> None
     assert main(["profile", "check", str(_write(tmp_path, raw))]) == 1
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "not monotone" in out[0]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_shipped_profile_loads_in_plan_simulator_and_emulator(path, capsys) -> None:
+    import json
+
+    from controller.emulator.engine import _MIN_DURATION_S, DecodeEngine, decode_curve_of
+    from controller.sim.fleet import TpotTable
+
+    # plan: a small load with loose objectives sizes a fleet from this profile
+    assert main(["plan", "--profile", str(path), "--rate-rps", "1", "--input-len", "1024", "--output-len", "128",
+                 "--ttft-s", "5", "--tpot-ms", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["n_prefill"] >= 1 and out["n_decode"] >= 1
+    prof = load_profile(path)
+    # simulator: the per-batch TPOT table builds and is positive
+    tab = TpotTable(prof, max_batch=64)
+    assert all(r[1] > 0 for r in tab.rows)
+    # emulator: the decode engine's curve and step time come from the profile
+    curve = decode_curve_of(prof)
+    eng = DecodeEngine(prof, 0.01, max_running=8)
+    assert eng.step_s(4, 1024.0) == pytest.approx(max(_MIN_DURATION_S, curve.tpot_ms_at(4, 1024.0) / 1000 * 0.01))
