@@ -19,6 +19,7 @@ an unexpected failure is a 500 logged as one line (no traceback).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,6 +41,7 @@ VIEW = web.AppKey("view", ControllerView)
 POOL = web.AppKey("plan_pool", PlanPool)
 # a plan request is a flat object: anything nested deeper is not one
 MAX_JSON_DEPTH = 8
+BODY_TIMEOUT_S = 10.0
 
 log = structlog.get_logger("pd-controller")
 
@@ -126,7 +128,18 @@ async def plan(request: web.Request) -> web.Response:
     cfg = view.cfg
     if cfg.api.plan_requires_token and not _authorized(request, view.token):
         return _unauthorized(view)
-    raw = await request.read()  # over api.max_body_bytes: 413 (client_max_size)
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):  # a client trickling its body does not hold a handler
+            raw = await request.read()  # over api.max_body_bytes: 413 (client_max_size)
+    except TimeoutError:
+        # answer, then drop the connection: no lingering read of the rest of a trickled body
+        resp = _error(408, f"body: not received within {BODY_TIMEOUT_S:g}s")
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        if request.transport is not None:
+            request.transport.close()
+        return resp
     try:
         body = loads_bounded(raw, max_bytes=cfg.api.max_body_bytes, max_depth=MAX_JSON_DEPTH)
     except JsonInputError as e:

@@ -316,3 +316,23 @@ async def test_malformed_http_is_4xx_without_traceback(served, no_tracebacks, ra
     assert 400 <= status < 500
     async with aiohttp.ClientSession() as c, c.get(served.url + "/healthz") as r:
         assert r.status == 200
+
+
+async def test_a_trickled_body_is_408(served, monkeypatch):
+    import controller.api.app as app_mod
+
+    monkeypatch.setattr(app_mod, "BODY_TIMEOUT_S", 0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    try:
+        writer.write(b"POST /v1/plan HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100\r\n\r\n{\"r")
+        await writer.drain()  # ... and never the rest
+        data = await asyncio.wait_for(reader.read(4096), 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    assert data.startswith(b"HTTP/1.1 408")
+    # let the server finish with the connection it answered (its handler task ends on the close)
+    for _ in range(100):
+        if not [t for t in asyncio.all_tasks() if "RequestHandler" in repr(t) and not t.done()]:
+            break
+        await asyncio.sleep(0.02)
