@@ -92,7 +92,8 @@ def main() -> None:
     global USAGE
     USAGE = a.client_usage
     d = Path(tempfile.mkdtemp(prefix="bench-tap-"))
-    with EmulatedFleet("llama2-70b-h100-tp8", 1, a.decode, time_scale=a.time_scale, log_dir=d / "fleet") as fleet:
+    with EmulatedFleet("llama2-70b-h100-tp8", 1, a.decode, time_scale=a.time_scale, log_dir=d / "fleet",
+                       model="m") as fleet:
         tap = TapProc(fleet.router_url, d)
         try:
             c0 = cpu_s(tap.proc.pid)

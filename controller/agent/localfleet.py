@@ -1,7 +1,7 @@
 """A PD fleet on loopback where every emulated worker is managed by a node agent (real processes).
 
     agents (pd-controller agent, CURVE) -> emulated workers (pd-controller emulate-worker)
-    the real sglang-router (PD mode) over those workers
+    the real PD router (smg by default; `router=` / $PD_ROUTER, see controller/emulator/routers.py) over them
 
 Used by the demo and the end-to-end tests of flips by restart. Keys are
 generated into `workdir/keys` (the agents' pair, the controller's pair, and
@@ -31,6 +31,7 @@ from controller.actuators.agent import AgentClient, CurveKeys
 from controller.actuators.errors import TransientError
 from controller.agent.keys import generate
 from controller.emulator.fleet import free_port, terminate
+from controller.emulator.routers import resolve, router_command
 
 HOST = "127.0.0.1"
 
@@ -57,7 +58,11 @@ class AgentFleet:
         worker_args: Sequence[str] = (),
         router_args: Sequence[str] = (),
         startup_timeout_s: float = 90.0,
+        router: str | None = None,
+        model: str = "emulated",
     ) -> None:
+        self.router_kind = resolve(router)
+        self.model = model  # the served model name clients send (smg routes by it)
         self.tmp = workdir
         self.roles = list(roles)
         self.profile = str(profile)
@@ -93,7 +98,8 @@ class AgentFleet:
             "start_timeout_s": self.startup_timeout_s,
             "start": [sys.executable, "-m", "controller", "emulate-worker", "--role", "{role}", "--profile",
                       self.profile, "--host", "{host}", "--port", "{port}", "--bootstrap-port", "{bootstrap_port}",
-                      "--time-scale", repr(self.time_scale), "--enable-pd-role-switch", *self.worker_args],
+                      "--time-scale", repr(self.time_scale), "--enable-pd-role-switch",
+                      "--served-model-name", self.model, "--collect-tokens-histogram", *self.worker_args],
         }
         path = self.tmp / f"agent{i}.yaml"
         path.write_text(yaml.safe_dump(cfg))
@@ -138,13 +144,10 @@ class AgentFleet:
 
     def _start_router(self) -> str:
         port, mport = free_port(), free_port()
-        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--pd-disaggregation", "--host", HOST,
-               "--port", str(port), "--prometheus-host", HOST, "--prometheus-port", str(mport),
-               "--policy", "round_robin", "--health-check-interval-secs", "1", "--log-level", "warn",
-               "--shutdown-grace-period-secs", "1"]
-        for url, role in zip(self.urls, self.roles, strict=True):
-            cmd += ["--prefill", url, str(self.bootstrap[url])] if role == "prefill" else ["--decode", url]
-        cmd += self.router_args
+        pairs = list(zip(self.urls, self.roles, strict=True))
+        cmd = router_command(self.router_kind, host=HOST, port=port, prometheus_port=mport,
+                             prefill=[(u, self.bootstrap[u]) for u, r in pairs if r == "prefill"],
+                             decode=[u for u, r in pairs if r != "prefill"], extra=self.router_args)
         with open(self.tmp / "router.log", "wb") as log:
             self.router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
@@ -154,7 +157,7 @@ class AgentFleet:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.router.poll() is not None:
-                raise LocalFleetError(f"sglang-router exited with {self.router.returncode}: "
+                raise LocalFleetError(f"{self.router_kind.label} exited with {self.router.returncode}: "
                                       f"{_tail(self.tmp / 'router.log')}")
             with contextlib.suppress(OSError, ValueError):
                 with urllib.request.urlopen(f"{url}/workers", timeout=2) as r:

@@ -2,7 +2,7 @@
 
 What runs (all on 127.0.0.1, all stopped at the end, Ctrl-C included):
 
-    replayed trace -> pd-router-tap -> sglang-router (PD mode, from PyPI) -> 4 emulated SGLang workers
+    replayed trace -> pd-router-tap -> smg (PD mode, from PyPI; --router) -> 4 emulated SGLang workers
                           | events (ZeroMQ)                                    ^ restarted in the other role
                           v                                                    | by their node agents (CURVE)
                     the controller (sidecar: estimators -> model -> policy -> drained flips through the router)
@@ -70,7 +70,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="run the whole system on this machine: real router, emulated workers, agents, tap, controller",
-        description="Start the real sglang-router (PD mode) over four emulated workers managed by node agents, the "
+        description="Start the real PD router (smg by default, from PyPI) over four emulated workers managed by node agents, the "
         "tap and the controller; replay Azure code traffic then conversation traffic; show the controller flipping "
         "workers as the P:D need shifts; print a summary and write a PNG plot. Needs no GPU.",
     )
@@ -81,6 +81,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--plot", type=Path, default=Path("pd-demo.png"), help="PNG plot path (default pd-demo.png)")
     p.add_argument("--workdir", type=Path, default=None, help="keep keys, configs and logs here (default: temp)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--router", default=None,
+                   help="the PD router: smg (default, or $PD_ROUTER), sglang-router (0.3.x), or a command template "
+                   "with {args} where the PD flags go")
     p.add_argument("--advisory", action="store_true",
                    help="baseline: the controller decides and reports but never acts (the fleet stays 2P2D)")
 
@@ -188,6 +191,7 @@ class Client:
     ttft_slo_s: float
     tpot_slo_s: float
     seed: int = 0
+    model: str = "emulated"  # the served model name (smg routes by it)
     outcomes: list[Outcome] = field(default_factory=list)
     in_flight: int = 0
     sent: list[float] = field(default_factory=list)  # send times (s from t0): the offered load
@@ -199,7 +203,7 @@ class Client:
         import aiohttp
 
         rng = random.Random(hash((self.seed, r.at_s)))
-        body = {"input_ids": [rng.randrange(*VOCAB) for _ in range(r.input_tokens)],
+        body = {"model": self.model, "input_ids": [rng.randrange(*VOCAB) for _ in range(r.input_tokens)],
                 "sampling_params": {"max_new_tokens": r.output_tokens, "ignore_eos": True}, "stream": True}
         sent = time.monotonic()
         self.sent.append(sent - t0)
@@ -472,8 +476,10 @@ async def demo(args: argparse.Namespace, work: Path, out: TextIO) -> dict[str, A
     profile = scaled_profile(resolve_profile_path(PROFILE), s, work / "profile.yaml")
     print(f"pd-controller demo: {len(schedule)} requests over {args.duration_s:.0f}s (code then conversation), "
           f"emulated GPUs at time scale {s:g}; workdir {work}", file=out, flush=True)
-    print("starting 4 node agents + emulated workers (2P2D), the sglang-router, the tap...", file=out, flush=True)
-    fleet = AgentFleet(work, ["prefill", "prefill", "decode", "decode"], profile=PROFILE, time_scale=s)
+    fleet = AgentFleet(work, ["prefill", "prefill", "decode", "decode"], profile=PROFILE, time_scale=s,
+                       router=args.router)
+    print(f"starting 4 node agents + emulated workers (2P2D), the router ({fleet.router_kind.label}), the tap...",
+          file=out, flush=True)
     tap: subprocess.Popen[bytes] | None = None
     sidecar_task: asyncio.Task[Any] | None = None
     act: RecordingActuator | None = None
@@ -489,7 +495,7 @@ async def demo(args: argparse.Namespace, work: Path, out: TextIO) -> dict[str, A
         sidecar_task = asyncio.create_task(sidecar.run(signals=False), name="controller")
         print(f"router {fleet.router_url}  tap {tap_url}  controller API: see {work / 'controller.log'}",
               file=out, flush=True)
-        client = Client(tap_url, TTFT_S * s, TPOT_MS * s / 1000, seed=args.seed)
+        client = Client(tap_url, TTFT_S * s, TPOT_MS * s / 1000, seed=args.seed, model=fleet.model)
         samples: list[Sample] = []
         stop_view = asyncio.Event()
         view = asyncio.create_task(live_view(sidecar, act, client, t0, half, samples, stop_view, out), name="view")

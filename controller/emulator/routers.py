@@ -29,6 +29,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from controller.core.errors import PdControllerError
+
 DEFAULT_ROUTER = "smg"
 ENV = "PD_ROUTER"
 KNOWN = {
@@ -37,7 +39,7 @@ KNOWN = {
 }
 
 
-class RouterSpecError(ValueError):
+class RouterSpecError(PdControllerError, ValueError):
     """The router setting names nothing this machine can start."""
 
 

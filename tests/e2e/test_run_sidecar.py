@@ -64,13 +64,13 @@ def start_controller(fleet, tap, d, extra_endpoints=(), use_tap=True):
     return proc, base, d / f"controller-{port}.log"
 
 
-async def load(url: str, n: int, concurrency: int = 8) -> list[int]:
+async def load(url: str, n: int, concurrency: int = 8, model: str = "emulated") -> list[int]:
     sem = asyncio.Semaphore(concurrency)
     paths = ["/generate", "/v1/completions", "/v1/chat/completions"]
 
     async def one(s: aiohttp.ClientSession, i: int) -> int:
         path = paths[i % 3]
-        body: dict = {"stream": bool(i % 2), "model": "m"}
+        body: dict = {"stream": bool(i % 2), "model": model}  # the served name: smg routes by it
         if path == "/generate":
             body |= {"text": f"load {i} " * 20, "sampling_params": {"max_new_tokens": 8}}
         elif path == "/v1/completions":

@@ -60,7 +60,7 @@ def norm(b: bytes, path: str = "") -> bytes:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("tap-e2e")
-    with EmulatedFleet("llama2-70b-h100-tp8", 1, 1, time_scale=0.01, log_dir=log_dir / "fleet") as fleet:
+    with EmulatedFleet("llama2-70b-h100-tp8", 1, 1, time_scale=0.01, log_dir=log_dir / "fleet", model="m") as fleet:
         tap = TapProc(fleet.router_url, log_dir)
         ctx = zmq.Context()
         sub = ctx.socket(zmq.SUB)
