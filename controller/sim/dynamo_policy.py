@@ -27,9 +27,10 @@ What it is fed, and how that matches the other policies:
   scaling, which needs them, is off; its throughput-based scaling is on.
 - Objectives: ttft_ms = the TTFT objective less the profile's fixed overhead
   (Dynamo's TTFT is the engine's), itl_ms = the TPOT objective.
-- Actions: `scale_to` targets through the same simulated fleet (scale actions
-  in elastic mode; in fixed-budget mode the planner gets the GPU budget and its
-  prefill target becomes flips, decode taking the rest).
+- Actions: `scale_to` targets through the same simulated fleet: scale actions
+  in elastic mode. Dynamo's GPU budget is a cap, not an allocation, so in
+  fixed-budget mode (every instance serves) its latest P:D target ratio splits
+  the budget, and the difference becomes flips.
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ class DynamoPolicy(Policy):
         self.window: list[np.ndarray] = []
         self.window_start = 0.0
         self.last: dict[str, Any] | None = None  # the last throughput tick's diagnostics
+        self.target: tuple[int, int] | None = None  # the planner's latest (P, D) target
 
     def _traffic(self, now: float) -> Any:
         ev = np.concatenate(self.window) if self.window else None
@@ -188,15 +190,23 @@ class DynamoPolicy(Policy):
                 want_p = eff.scale_to.num_prefill if eff.scale_to.num_prefill is not None else want_p
                 want_d = eff.scale_to.num_decode if eff.scale_to.num_decode is not None else want_d
             self.pending = eff.next_tick
+        if want_p is not None or want_d is not None:
+            self.target = (cur_p if want_p is None else int(want_p), cur_d if want_d is None else int(want_d))
+        prm = self.ctx.spec.params
+        if self.ctx.mode is Mode.FIXED:
+            # Dynamo's GPU budget is a cap, not an allocation: it sizes P and D for the load and leaves the
+            # rest idle. With a fixed budget every instance serves, so keep the planner's P:D ratio and
+            # split the budget by it (re-applied while the planner's target stands).
+            if self.target is None:
+                return []
+            n = self.ctx.instances_budget or (cur_p + cur_d)
+            tp, td = max(self.target[0], 1), max(self.target[1], 1)
+            wp = min(max(round(n * tp / (tp + td)), 1), n - 1)
+            return _to_actions(cur_p, cur_d, wp, n - wp, self.ctx.mode, Reason.REBALANCE)
         if want_p is None and want_d is None:
             return []
-        prm = self.ctx.spec.params
         wp = cur_p if want_p is None else min(max(int(want_p), prm.min_prefill, 1), prm.max_prefill)
         wd = cur_d if want_d is None else min(max(int(want_d), prm.min_decode, 1), prm.max_decode)
-        if self.ctx.mode is Mode.FIXED:
-            n = self.ctx.instances_budget or (cur_p + cur_d)
-            wp = min(max(wp, 1), n - 1)
-            wd = n - wp
         return _to_actions(cur_p, cur_d, wp, wd, self.ctx.mode, Reason.REBALANCE)
 
     def close(self) -> None:
