@@ -129,3 +129,35 @@ def test_simulate_policy_dynamo_runs_end_to_end(capsys) -> None:
     assert code == 0
     out = capsys.readouterr().out
     assert '"dynamo"' in out
+
+
+def test_dynamo_planner_fixed_budget_splits_by_its_ratio() -> None:
+    """Fixed budget of 10 instances: Dynamo wants ~4P1D for the example load, so the split is 8P2D."""
+    pytest.importorskip("dynamo", reason="needs ai-dynamo 1.6.1 (the dynamo extra); see docs/profiles.md")
+    from dataclasses import replace
+
+    import numpy as np
+
+    from controller.core.control import FleetView, Mode, Observations
+    from controller.core.events import EVENT_DTYPE
+    from controller.core.sizing import Objectives
+    from controller.sim.dynamo_policy import DynamoPolicy
+
+    ctx = _ctx("llama31-70b-h100-tp8")
+    ctx = replace(ctx, mode=Mode.FIXED, instances_budget=10,
+                  spec=replace(ctx.spec, objectives=Objectives(1.5, 40.0, None, 0.0)))
+    pol = DynamoPolicy(ctx)
+    try:
+        p, acts = 5, []
+        for t in range(5, 65, 5):
+            ev = np.zeros(175, dtype=EVENT_DTYPE)
+            ev["arrival_s"] = t - 5 + np.arange(175) / 35.0
+            ev["input_tokens"], ev["output_tokens"] = 2048, 256
+            acts = pol.decide(float(t), Observations(events=ev, fleet=FleetView(p, 10 - p)))
+            for a in acts:
+                p += a.count if a.kind.value == "flip_to_prefill" else -a.count
+        assert pol.target is not None and abs(pol.target[0] - 4) <= 1 and abs(pol.target[1] - 1) <= 1
+        tp, td = pol.target
+        assert p == round(10 * tp / (tp + td))
+    finally:
+        pol.close()
