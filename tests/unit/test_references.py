@@ -1,0 +1,86 @@
+"""References found by simulation: static-best is the cheapest passing fleet, the oracle meets the target
+per window, the fixed-budget search finds the exhaustive best split. Small synthetic scenarios (fast)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from controller.sim.policies import FixedSplitPolicy
+from controller.sim.references import best_split, cheapest_static, oracle
+from controller.sim.runner import simulate
+from controller.sim.scenarios import Scenario, build
+from tests.conftest import DATA
+
+CONV = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv")
+CODE = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv")
+
+
+def _ctx(traffic, mode="elastic", gpus=None, ttft=2.0, seed=0):
+    sc = Scenario.model_validate(dict(name="t", traffic=traffic, profile="llama2-70b-h100-tp8", seed=seed,
+                                      objectives=dict(ttft_s=ttft, tpot_ms=50), mode=mode, gpus=gpus))
+    return build(sc)
+
+
+def _att(ctx, sim, p, d):
+    return simulate(FixedSplitPolicy(ctx, p, d), ctx, sim).slo_attainment
+
+
+def test_static_best_passes_and_is_minimal():
+    # bursty Gamma arrivals (CV 3) with real conversation lengths: 10 minutes at 12 req/s
+    ctx, sim = _ctx([dict(generator="gamma", lengths_from=CONV, duration_s=600, rate_rps=12, cv=3)])
+    s = cheapest_static(ctx, sim, 0.99, 16)
+    assert s.reached and s.best is not None and s.result is not None
+    p, d = s.best
+    # it reaches the target when simulated again from scratch (no early-stop artefact)
+    assert _att(ctx, sim, p, d) >= 0.99
+    assert s.result.slo_attainment >= 0.99
+    # and one instance fewer in either pool does not
+    if p > 1:
+        assert _att(ctx, sim, p - 1, d) < 0.99
+    if d > 1:
+        assert _att(ctx, sim, p, d - 1) < 0.99
+    # the failing candidates it stopped early were truly below the target
+    for c in s.candidates:
+        if c.aborted:
+            assert _att(ctx, sim, c.p, c.d) < 0.99
+
+
+def test_static_best_reports_unreachable():
+    # P99 TTFT 0.05 s is below the profile's own prefill time: no fleet reaches it
+    ctx, sim = _ctx([dict(trace=CONV, end_s=120)], ttft=0.06)
+    s = cheapest_static(ctx, sim, 0.99, 4)
+    assert not s.reached
+
+
+def test_oracle_meets_the_target_in_every_window():
+    ctx, sim = _ctx([dict(generator="gamma", lengths_from=CONV, duration_s=600, rate_rps=8, cv=2)])
+    o = oracle(ctx, sim, 0.99, 16, 200.0)
+    assert len(o.windows) == 3 and o.unreached_windows == 0
+    zero = type(sim)(flip_time_s=0.0, cold_start_s=0.0, router=sim.router)
+    for w in o.windows:
+        # each window's fleet, simulated on that window's requests alone, meets the target
+        sub = ctx.trace.window(w.start_s, w.end_s if w is not o.windows[-1] else np.inf)
+        wctx = type(ctx)(sub, ctx.spec, ctx.mode, ctx.instances_budget)
+        att = _att(wctx, zero, w.p, w.d)
+        assert att >= 0.99 and w.met >= 0.99 * w.requests
+        # and is the smallest such fleet in each pool
+        if w.p > 1:
+            assert _att(wctx, zero, w.p - 1, w.d) < 0.99
+        if w.d > 1:
+            assert _att(wctx, zero, w.p, w.d - 1) < 0.99
+    assert o.attainment >= 0.99
+    # GPU-hours: the sum over windows of the window's GPUs times its length
+    assert o.gpu_hours == pytest.approx(sum(w.gpus * (w.end_s - w.start_s) for w in o.windows) / 3600)
+
+
+def test_best_split_matches_exhaustive_search():
+    ctx, sim = _ctx([dict(trace=CODE, end_s=300, rate_scale=2), dict(trace=CONV, end_s=300, rate_scale=2)],
+                    mode="fixed", gpus=48)
+    budget = ctx.instances_budget
+    assert budget == 6
+    s = best_split(ctx, sim, budget)
+    goodputs = {p: simulate(FixedSplitPolicy(ctx, p, budget - p), ctx, sim).goodput_rps for p in range(1, budget)}
+    assert s.best is not None and s.result is not None
+    assert s.result.goodput_rps == pytest.approx(max(goodputs.values()))
+    assert goodputs[s.best[0]] == pytest.approx(max(goodputs.values()))
