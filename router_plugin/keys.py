@@ -12,6 +12,7 @@ Kept in router_plugin (which must not import the controller): only pyzmq.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import stat
 from dataclasses import dataclass
@@ -46,15 +47,15 @@ def load_keypair(path: Path | str, what: str = "secret key") -> tuple[bytes, byt
     """(public, secret) from a `.key_secret` file; CurveKeyError if it is not one."""
     path = Path(path)
     _regular_file(path, what)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s %s is readable by others (mode %o): chmod 600 it", what, path, stat.S_IMODE(mode))
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError, zmq.ZMQError) as e:
         raise CurveKeyError(f"{what}={path}: not a CURVE certificate ({e})") from None
     if not secret:
         raise CurveKeyError(f"{what}={path}: holds no secret key (give the .key_secret file)")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s is readable by others (mode %o): chmod 600 it", what, path, stat.S_IMODE(mode))
     return public, secret
 
 
@@ -110,3 +111,18 @@ class _Allow:
 def load_server_curve(secret_key: Path | str, authorized_dir: Path | str) -> ServerCurve:
     public, secret = load_keypair(secret_key, "--curve-secret-key")
     return ServerCurve(public, secret, tuple(authorized_public_keys(authorized_dir)))
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    """tcp://127.x / [::1] / localhost, or a host-local transport (ipc://, inproc://)."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # '*', an interface or a host name: not provably loopback
+        return False

@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import itertools
 import json
 import logging
@@ -68,7 +67,7 @@ import aiohttp
 import zmq
 from aiohttp import hdrs, web
 
-from router_plugin.keys import CurveKeyError, ServerCurve, load_server_curve
+from router_plugin.keys import CurveKeyError, ServerCurve, is_loopback_endpoint, load_server_curve
 from router_plugin.wire import (
     ENDPOINT_NAMES,
     ENDPOINTS,
@@ -144,21 +143,6 @@ class Limits:
         for p in self.allow_paths:
             if not p.startswith("/"):
                 raise ValueError(f"allow_paths item {p!r}: must start with '/' (a path, or a prefix ending in '*')")
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """tcp://127.x / [::1] / localhost, or a host-local transport (ipc://, inproc://)."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # '*', an interface or a host name: not provably loopback
-        return False
 
 
 class Publisher:
