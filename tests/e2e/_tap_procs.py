@@ -43,7 +43,8 @@ def get_json(url: str) -> dict:
 class TapProc:
     """`pd-router-tap` in its own process, in front of `router_url`."""
 
-    def __init__(self, router_url: str, log_dir: Path, source_id: str = "tap-e2e") -> None:
+    def __init__(self, router_url: str, log_dir: Path, source_id: str = "tap-e2e",
+                 extra_args: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.pub_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,7 +52,7 @@ class TapProc:
         self.log = log_dir / f"tap-{self.port}.log"
         cmd = [sys.executable, "-m", "router_plugin.tap", "--listen", f"127.0.0.1:{self.port}",
                "--router", router_url, "--publish", self.publish, "--source-id", source_id,
-               "--flush-interval-ms", "20"]
+               "--flush-interval-ms", "20", *extra_args]
         with open(self.log, "wb") as f:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True)
@@ -60,6 +61,15 @@ class TapProc:
     def metrics(self) -> str:
         with urllib.request.urlopen(self.url + "/tap/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def memory_kb(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak) of the tap process, from /proc."""
+        out = {}
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(val.split()[0])
+        return out
 
     def stop(self) -> None:
         stop(self.proc)
