@@ -28,10 +28,12 @@ from typing import Any
 
 import aiohttp
 
-from controller.core.control.types import FleetView
+from controller.core.control.types import FleetView, Role, Transition
 from controller.telemetry.hub import TelemetryHub
 
 PD_ROLES = ("prefill", "decode")
+# a worker that left the router (deregistered: mid-flip, or removed) is reported as `gone` this long
+GONE_TTL_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,12 @@ class RouterWorker:
 
 @dataclass(frozen=True)
 class FleetChange:
-    """A change observed in progress: `kind` is draining | unhealthy | role_changed; `since_s` first seen."""
+    """A change observed in progress; `since_s` is when it was first seen.
+
+    kind: draining (smg: deregistered, finishing its settle), unhealthy, gone (was listed, is not: deregistered
+    mid-flip or removed; reported for GONE_TTL_S), role_changed (listed again under another role, not serving
+    yet: a flip whose `since_s` is when the worker first left its old pool).
+    """
 
     url: str
     kind: str
@@ -71,10 +78,21 @@ class FleetSnapshot:
     changes: tuple[FleetChange, ...] = ()
 
     def view(self) -> FleetView:
-        """The core's fleet: workers serving each pool (healthy, not draining)."""
+        """The core's fleet: workers serving each pool (healthy, not draining), and the observed transitions.
+
+        A worker listed under a new role and not serving yet is a flip to that role; one draining or gone
+        from the router is on its way out (target None: the router cannot tell a flip from a removal
+        before the worker comes back). `started_s` is when that was first seen.
+        """
         n_p = sum(1 for w in self.workers if w.role == "prefill" and w.serving)
         n_d = sum(1 for w in self.workers if w.role == "decode" and w.serving)
-        return FleetView(n_p, n_d)
+        ts = []
+        for c in self.changes:
+            if c.kind == "role_changed" and c.role in PD_ROLES:
+                ts.append(Transition(Role(c.role), kind="flip", started_s=c.since_s, worker=c.url))
+            elif c.kind in ("draining", "gone"):
+                ts.append(Transition(None, kind="stop", started_s=c.since_s, worker=c.url))
+        return FleetView(n_p, n_d, tuple(ts))
 
     def roles(self) -> dict[str, str]:
         """URL -> role of every listed worker (draining ones too: their metrics still belong to that pool)."""
@@ -127,46 +145,50 @@ def dialect_of(body: Any) -> str:
 
 @dataclass
 class ChangeTracker:
-    """First-seen times of draining / unhealthy / role-changed workers across successive snapshots."""
+    """First-seen times of draining / unhealthy / gone / role-changed workers across successive snapshots."""
 
     since: dict[tuple[str, str], float] = field(default_factory=dict)
     last_role: dict[str, str] = field(default_factory=dict)
-    role_from: dict[str, str] = field(default_factory=dict)
+    out_since: dict[str, float] = field(default_factory=dict)  # when it first stopped serving its last role
+    gone: dict[str, tuple[str, float]] = field(default_factory=dict)  # url -> (its last role, when it left)
+    changed: dict[str, tuple[str, float]] = field(default_factory=dict)  # url -> (role it left, flip start)
 
     def observe(self, workers: list[RouterWorker], now: float) -> tuple[FleetChange, ...]:
-        seen: set[tuple[str, str]] = set()
-        out = []
-        for w in workers:
-            prev = self.last_role.get(w.url, self.role_from.get(w.url))
-            if prev is not None and prev != w.role:
-                # re-registered under another role (smg PUT, or remove + add between two polls)
-                self.role_from[w.url] = prev
-                self.since[(w.url, "role_changed")] = now
-            self.last_role[w.url] = w.role
-            kinds = []
-            if w.draining:
-                kinds.append("draining")
-            elif not w.healthy:
-                kinds.append("unhealthy")
-            if (w.url, "role_changed") in self.since and not w.serving:
-                kinds.append("role_changed")  # a flip in progress: new role listed, not serving yet
-            for kind in kinds:
-                key = (w.url, kind)
-                seen.add(key)
-                t = self.since.setdefault(key, now)
-                out.append(FleetChange(w.url, kind, t, w.role, self.role_from.get(w.url) if kind == "role_changed"
-                                       else None))
+        out: list[FleetChange] = []
         listed = {w.url for w in workers}
-        for key in list(self.since):
-            if key not in seen:
-                del self.since[key]
-        for url in list(self.last_role):
-            if url not in listed:
-                # gone from the router: remember its role for a little (a remove + add flip) via role_from
-                self.role_from[url] = self.last_role.pop(url)
-        for url in list(self.role_from):
-            if url in listed and (url, "role_changed") not in self.since:
-                del self.role_from[url]
+        seen: set[tuple[str, str]] = set()
+        for w in workers:
+            prev = self.last_role.get(w.url) or (self.gone[w.url][0] if w.url in self.gone else None)
+            if prev is not None and prev != w.role:
+                # re-registered under another role (smg PUT, or remove + add): a flip that began when it left
+                self.changed[w.url] = (prev, self.out_since.get(w.url, now))
+            self.gone.pop(w.url, None)
+            self.last_role[w.url] = w.role
+            if w.serving:
+                self.out_since.pop(w.url, None)
+                self.changed.pop(w.url, None)
+                continue
+            self.out_since.setdefault(w.url, now)
+            kinds = ["draining" if w.draining else "unhealthy"]
+            if w.url in self.changed:
+                kinds.append("role_changed")
+            for kind in kinds:
+                seen.add((w.url, kind))
+                if kind == "role_changed":
+                    frm, t = self.changed[w.url]
+                    out.append(FleetChange(w.url, kind, t, w.role, frm))
+                else:
+                    out.append(FleetChange(w.url, kind, self.since.setdefault((w.url, kind), now), w.role))
+        for url in [u for u in self.last_role if u not in listed]:
+            self.gone[url] = (self.last_role.pop(url), self.out_since.setdefault(url, now))
+        for url, (role, t) in list(self.gone.items()):
+            if now - t > GONE_TTL_S:
+                del self.gone[url]
+                self.out_since.pop(url, None)
+            else:
+                out.append(FleetChange(url, "gone", t, role))
+        for key in [k for k in self.since if k not in seen]:
+            del self.since[key]
         return tuple(out)
 
 

@@ -181,3 +181,85 @@ def test_prefix_cache_hits_shared_prefix_and_evicts_lru():
     assert c.match_and_insert([7, *a]) == 0  # a different first block: nothing shared
     # capacity 4 blocks: the oldest chain was evicted
     assert c.match_and_insert(a) < 48
+
+
+# ---- what smg polls: /loads and /v1/loads; SGLang's token histograms ------------------------------------------
+
+CORE_LOAD_FIELDS = {"timestamp", "dp_rank", "num_running_reqs", "num_waiting_reqs", "num_waiting_uncached_tokens",
+                    "num_used_tokens", "num_total_tokens", "num_active_tokens", "max_total_num_tokens",
+                    "max_running_requests", "token_usage", "gen_throughput", "cache_hit_rate", "utilization"}
+
+
+async def test_v1_loads_has_sglangs_fields_and_sections(pair):
+    p, d, s = pair
+    body = await (await s.get(f"{d.url}/v1/loads?include=core,disagg,queues,memory")).json()
+    assert {"timestamp", "version", "accelerator", "num_accelerators", "loads"} <= set(body)
+    (load,) = body["loads"]
+    assert set(load) >= CORE_LOAD_FIELDS
+    assert load["max_running_requests"] == d.max_running  # the running window smg's decode gate uses
+    assert load["disaggregation"]["mode"] == "decode" and "decode_transfer_queue_reqs" in load["disaggregation"]
+    assert set(load["queues"]) == {"waiting", "grammar", "paused", "retracted", "prealloc_ready"}
+    core = (await (await s.get(f"{p.url}/loads?include=core")).json())["loads"][0]
+    assert set(core) == CORE_LOAD_FIELDS  # core only: no sections
+    assert (await (await s.get(f"{p.url}/loads?model={p.model_name}")).json())["loads"][0]["dp_rank"] == 0
+    r = await s.get(f"{p.url}/loads?model=not-served")
+    assert r.status == 404 and "not-served" in (await r.json())["error"]["message"]
+    r = await s.get(f"{p.url}/v1/loads?include=core,bogus")
+    assert r.status == 400 and "bogus" in (await r.json())["error"]["message"]
+
+
+async def test_waiting_uncached_tokens_count_the_prefill_queue():
+    w = EmulatedWorker(PROFILE, WorkerOptions(role="prefill", bootstrap_port=0, time_scale=1.0))
+    await w.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            reqs = [asyncio.ensure_future(s.post(f"{w.url}/generate", json=_pd(
+                {"text": " ".join(f"r{i}w{k}" for k in range(3000)), "sampling_params": {"max_new_tokens": 1}},
+                w, 100 + i))) for i in range(3)]
+            load = {}
+            for _ in range(200):
+                load = (await (await s.get(f"{w.url}/v1/loads")).json())["loads"][0]
+                if load["num_waiting_reqs"] >= 2:
+                    break
+                await asyncio.sleep(0.01)
+            # one prefill runs, two wait with all their tokens uncached (distinct prompts hit nothing)
+            assert load["num_waiting_reqs"] == 2 and load["num_waiting_uncached_tokens"] == 2 * 3000
+            for r in reqs:
+                r.cancel()
+            await asyncio.gather(*reqs, return_exceptions=True)
+    finally:
+        await w.stop()
+
+
+async def test_token_histograms_only_with_collect_flag(pair):
+    p, d, s = pair
+    for w in (p, d):
+        text = await (await s.get(f"{w.url}/metrics")).text()
+        assert "sglang:prompt_tokens_histogram" not in text  # off by default, as in SGLang
+    hp = EmulatedWorker(PROFILE, WorkerOptions(role="prefill", bootstrap_port=0, time_scale=0.01,
+                                               collect_tokens_histogram=True))
+    hd = EmulatedWorker(PROFILE, WorkerOptions(role="decode", time_scale=0.01, collect_tokens_histogram=True))
+    await hp.start()
+    await hd.start()
+    try:
+        for room, (n_in, n_out) in enumerate(((120, 5), (450, 9), (450, 2))):
+            body = {"text": " ".join(f"t{room}x{i}" for i in range(n_in)),
+                    "sampling_params": {"max_new_tokens": n_out, "ignore_eos": True}}
+            await asyncio.gather(s.post(f"{hp.url}/generate", json=_pd(body, hp, 500 + room)),
+                                 s.post(f"{hd.url}/generate", json=_pd(body, hp, 500 + room)))
+
+        def hist(text: str, name: str) -> dict[str, float]:
+            fam = next(f for f in text_string_to_metric_families(text) if f.name == name)
+            return {(x.name.rsplit("_", 1)[1] + x.labels.get("le", "")): x.value for x in fam.samples}
+
+        pt = await (await s.get(f"{hp.url}/metrics")).text()
+        dt = await (await s.get(f"{hd.url}/metrics")).text()
+        prompt = hist(pt, "sglang:prompt_tokens_histogram")
+        assert prompt["count"] == 3 and prompt["sum"] == 120 + 450 + 450
+        assert prompt["bucket100.0"] == 0 and prompt["bucket300.0"] == 1 and prompt["bucket500.0"] == 3
+        assert hist(pt, "sglang:uncached_prompt_tokens_histogram")["sum"] == 120 + 450 + 450  # nothing cached
+        gen = hist(dt, "sglang:generation_tokens_histogram")
+        assert gen["count"] == 3 and gen["sum"] == 5 + 9 + 2  # the decode side counts what the client got
+    finally:
+        await hd.stop()
+        await hp.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import numpy as np
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -153,3 +154,155 @@ def test_parse_workers_rejects_bad_shapes():
     with pytest.raises(ValueError, match="unexpected /workers body"):
         parse_workers([1, 2])
     assert parse_workers({"workers": [{"url": "http://a/", "worker_type": "decode", "load": True}, "junk"]})[0].load is None
+
+
+# ---- the one /workers reader: smg's shape (status, draining) and 0.3.2's --------------------------------------
+
+def smg_body(*entries: tuple[str, str, str]) -> dict:
+    return {"workers": [{"id": f"01a2-{i}", "url": u, "worker_type": t, "is_healthy": st == "ready", "status": st,
+                         "load": 0, **({"bootstrap_port": 9000 + i} if t == "prefill" else {})}
+                        for i, (u, t, st) in enumerate(entries)], "total": len(entries)}
+
+
+def test_fleet_snapshot_counts_serving_workers_and_tracks_changes(registry):
+    hub = TelemetryHub(metrics=ControllerMetrics(registry))
+    fleet = RouterFleet("http://r", hub, lambda: 0.0)
+    a, b, c = "http://a:1", "http://b:1", "http://c:1"
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready"), (c, "decode", "ready")), 10.0)
+    assert snap.dialect == "smg" and snap.view().serving_prefill == 1 and snap.view().serving_decode == 2 and not snap.changes
+    # c deregistered: smg lists it draining (not healthy) through its settle; it no longer serves decode
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready"), (c, "decode", "draining")), 12.0)
+    assert snap.view().serving_decode == 1 and snap.roles()[c] == "decode"
+    assert [(x.url, x.kind, x.since_s) for x in snap.changes] == [(c, "draining", 12.0)]
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready"), (c, "decode", "draining")), 14.0)
+    assert snap.changes[0].since_s == 12.0  # first seen, not last seen
+    assert [(t.target_role, t.kind, t.started_s, t.worker) for t in snap.view().transitions] == [
+        (None, "stop", 12.0, c)]
+    # gone (still a transition: it holds its GPU), then back as prefill, not yet healthy: a flip from decode
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready")), 16.0)
+    assert [(x.kind, x.since_s) for x in snap.changes] == [("gone", 12.0)]
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready"), (c, "prefill", "pending")), 18.0)
+    kinds = {(x.kind, x.from_role, x.since_s) for x in snap.changes}
+    assert ("role_changed", "decode", 12.0) in kinds and snap.view().serving_prefill == 1
+    assert [(t.target_role, t.kind, t.started_s) for t in snap.view().transitions] == [("prefill", "flip", 12.0)]
+    snap = fleet.ingest(smg_body((a, "prefill", "ready"), (b, "decode", "ready"), (c, "prefill", "ready")), 20.0)
+    assert not snap.changes and snap.view().serving_prefill == 2 and not snap.view().transitions
+    w = snap.by_url()[c]
+    assert w.id == "01a2-2" and w.bootstrap_port == 9002 and not w.draining
+    # 0.3.2 lists no status: legacy; an empty fleet keeps what was learnt
+    legacy = RouterFleet("http://r", hub, lambda: 0.0)
+    assert legacy.ingest({"workers": [{"id": "x", "url": a, "worker_type": "decode", "is_healthy": True}]},
+                         1.0).dialect == "legacy"
+    assert legacy.ingest({"workers": []}, 2.0).dialect == "legacy"
+
+
+def test_router_actuator_reads_workers_through_the_same_parser():
+    from controller.actuators.router import worker_views
+
+    views = worker_views(smg_body(("http://a:1", "prefill", "ready"), ("http://c:1", "decode", "draining"),
+                                  ("http://r:1", "regular", "ready")))
+    assert [(v.url, v.role, v.state, v.router_id) for v in views] == [
+        ("http://a:1", "prefill", "serving", "01a2-0"), ("http://c:1", "decode", "draining", "01a2-1")]
+
+
+# ---- tap-free telemetry: length distributions from SGLang's token histograms -----------------------------------
+
+def test_hist_delta_quantiles_follow_promql_and_sample_keeps_the_mean():
+    from controller.telemetry.scrape import hist_delta
+
+    def samples(c100, c300, c500, total):
+        cum = [c100, c100 + c300, c100 + c300 + c500]
+        d = {f"h_bucket|{b}": {"w": float(v)} for b, v in zip(("100.0", "300.0", "+Inf"), cum, strict=True)}
+        return d | {"h_sum": {"w": float(total)}, "h_count": {"w": float(cum[-1])}}
+
+    old, cur = samples(0, 0, 0, 0), samples(10, 30, 0, 10 * 50 + 30 * 200)
+    h = hist_delta(cur, old, "h", lambda _w: True)
+    assert h is not None and h.count == 40 and h.mean == pytest.approx(162.5)
+    assert h.quantile(0.25) == pytest.approx(100.0)  # rank 10 = top of the first bucket
+    assert h.quantile(0.625) == pytest.approx(100 + 200 * 15 / 30)  # linear inside (100, 300]
+    v = h.sample(40)
+    assert v.mean() == pytest.approx(162.5) and v.min() >= 0 and len(v) == 40
+    assert hist_delta(cur, old, "missing", lambda _w: True) is None
+
+
+def _token_engine(obs: list[tuple[int, int, int]]):
+    """A P and a D worker exporting the three token histograms (SGLang's buckets) after `obs` requests."""
+    from controller.emulator.metrics import TOKEN_BUCKETS
+
+    r = CollectorRegistry()
+    lab = ["worker_addr", "model_name"]
+    hp = Histogram("sglang:prompt_tokens_histogram", "", lab, buckets=TOKEN_BUCKETS, registry=r)
+    hu = Histogram("sglang:uncached_prompt_tokens_histogram", "", lab, buckets=TOKEN_BUCKETS, registry=r)
+    hg = Histogram("sglang:generation_tokens_histogram", "", lab, buckets=TOKEN_BUCKETS, registry=r)
+    ttft = Histogram("sglang:time_to_first_token_seconds", "", lab, registry=r)
+    gen = Counter("sglang:generation_tokens", "", lab, registry=r)
+    for w in (P, D):  # every series exists from the first scrape, as on a worker that has started
+        for h in (hp, hu, hg, ttft, gen):
+            h.labels(w, "m")
+    for n_in, n_cached, n_out in obs:
+        hp.labels(P, "m").observe(n_in)
+        hu.labels(P, "m").observe(n_in - n_cached)
+        hg.labels(D, "m").observe(n_out)
+        ttft.labels(D, "m").observe(0.3)
+        gen.labels(D, "m").inc(n_out)
+    return parse_exposition(generate_latest(r).decode())
+
+
+def test_tap_free_synthesis_follows_the_token_histograms():
+    from controller.telemetry.scrape import ScrapeState, interpret
+
+    rng = np.random.default_rng(3)
+    ins = rng.integers(200, 6000, 400)
+    cached = (ins * rng.uniform(0, 0.5, 400)).astype(int)
+    outs = rng.integers(50, 900, 400)
+    roles = {P: "prefill", D: "decode"}
+    _, st = interpret(ScrapeState(), _token_engine([]), None, roles, 100.0, True)
+    res, _ = interpret(st, _token_engine(list(zip(ins, cached, outs, strict=True))), None, roles, 110.0, True)
+    ev = res.events
+    assert res.length_source == "token_histograms" and ev.size == 400
+    unc = ins - cached
+    got_unc = ev["input_tokens"] - ev["cached_tokens"]
+    for want, got in ((ins, ev["input_tokens"]), (unc, got_unc), (outs, ev["output_tokens"])):
+        assert got.mean() == pytest.approx(want.mean(), rel=0.01)  # exact mean (sum / count), up to rounding
+        assert (got ** 2).mean() == pytest.approx((want ** 2).mean(), rel=0.10)
+        for q in (50, 90):
+            assert np.percentile(got, q) == pytest.approx(np.percentile(want, q), rel=0.15)
+    assert (ev["cached_tokens"] >= 0).all() and np.allclose(ev["ttft_s"].mean(), 0.3, rtol=0.35)
+
+
+def test_decode_gate_and_router_histograms_from_smg_metrics():
+    from controller.telemetry.scrape import ScrapeState, interpret
+
+    def router(waits: int, sheds: int, ttft_obs: int) -> dict:
+        return parse_exposition(
+            f'smg_pd_admission_window{{worker="{D}"}} 64\n'
+            f'smg_worker_requests_active{{worker="{P}"}} 3\nsmg_worker_requests_active{{worker="{D}"}} 80\n'
+            f'smg_engine_waiting_requests{{worker="{D}",model="m",dp_rank="0"}} 6\n'
+            f'smg_pd_admission_waits_total{{reason="window_full"}} {waits}\n'
+            f'smg_pd_admission_sheds_total {sheds}\n'
+            f'smg_worker_overload_shed_total{{stage="selection"}} 5\n'
+            f'smg_worker_overload_shed_total{{stage="pd_admission"}} {sheds}\n'
+            '# TYPE smg_pd_ttft_seconds histogram\n'
+            f'smg_pd_ttft_seconds_bucket{{model="m",le="0.5"}} {ttft_obs}\n'
+            f'smg_pd_ttft_seconds_bucket{{model="m",le="1"}} {2 * ttft_obs}\n'
+            f'smg_pd_ttft_seconds_bucket{{model="m",le="+Inf"}} {2 * ttft_obs}\n'
+            f'smg_pd_ttft_seconds_sum{{model="m"}} {ttft_obs * 1.0}\n'
+            f'smg_pd_ttft_seconds_count{{model="m"}} {2 * ttft_obs}\n')
+
+    roles = {P: "prefill", D: "decode"}
+    eng = _token_engine([])
+    r0, st = interpret(ScrapeState(), eng, router(2, 1, 0), roles, 1.0, False)
+    # 80 active for a window of 64, 6 of them waiting at the worker itself: 10 held at the router's gate
+    assert r0.decode_gate_waiting == 10 and r0.per_worker[D]["gate_window"] == 64
+    r1, _ = interpret(st, eng, router(9, 4, 50), roles, 2.0, False)
+    assert r1.gate == {"waits": 7.0, "sheds": 3.0}
+    lat = r1.router_latency["pd_ttft_s"]
+    assert lat["count"] == 100 and lat["mean"] == pytest.approx(0.5) and lat["p50"] == pytest.approx(0.5)
+    assert interpret(ScrapeState(), eng, None, roles, 1.0, False)[0].decode_gate_waiting is None  # 0.3.2: no gate
+
+
+def test_smg_spelling_with_worker_addr_is_read():
+    text = (f'sglang:num_queue_reqs{{model_name="m",worker_addr="{P}"}} 4\n'
+            f'sglang_num_queue_reqs{{model_name="m",worker_addr="{D}"}} 2\n')
+    s = parse_exposition(text)
+    assert s["sglang:num_queue_reqs"] == {P: 4.0, D: 2.0}
