@@ -68,19 +68,23 @@ def run(args: argparse.Namespace) -> int:
     results = run_jobs(jobs, workers, on_done=lambda r: bar.step(f"{r.get('name', '')} {r['label']}"))
     bar.close()
     wall = time.perf_counter() - t0
+    cpu = sum(float(r.get("cpu_s", 0.0)) for r in results)
     meta = {"scenarios": len(scenarios), "jobs": len(jobs), "workers": workers, "wall_s": wall, "started": started,
+            "cpu_s": cpu,
             "command": "pd-controller bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
             else "pd-controller bench", "policies": pols}
     out = Path(args.out)
     rows, summary = write_report(out, scenarios, results, meta, plots=not args.no_plots)
     errs = sum(1 for r in results if r.get("error"))
-    print(f"{len(scenarios)} scenarios, {len(jobs)} jobs, {wall:.0f} s on {workers} workers; "
+    print(f"{len(scenarios)} scenarios, {len(jobs)} jobs, {wall:.0f} s on {workers} workers ({cpu:.0f} CPU-s); "
           f"report {out / 'report.md'}" + (f"; {errs} jobs failed (see the report)" if errs else ""))
     for r in rows:
         fails = [k for k, c in r["checks"].items() if c["pass"] is False]
         slo = r["slo"]
         att = f"{slo['slo_attainment'] * 100:.2f}%" if slo else "-"
-        print(f"  {r['scenario']:<40} slo {att:>8}  " + ("all targets pass" if not fails else "fails: " + ", ".join(fails)))
+        verdict = "no targets checked (slo not run)" if not r["checks"] else \
+            "all targets pass" if not fails else "fails: " + ", ".join(fails)
+        print(f"  {r['scenario']:<40} slo {att:>8}  {verdict}")
     med = summary["median_gpu_vs_static_best"]
     if med is not None:
         print(f"  median elastic slo GPU-hours / static-best: {med:.2f}x (target <= 0.80x)")

@@ -20,6 +20,7 @@ from controller.sim.runner import Progress, Result, simulate
 from controller.sim.traces import load_trace, splice
 
 DEFAULT_PROFILE = "llama2-70b-h100-tp8"
+MAX_SIM_REQUESTS = 5_000_000
 
 
 def add_parser(sub: Any) -> None:
@@ -29,8 +30,11 @@ def add_parser(sub: Any) -> None:
         description="Discrete-event P/D fleet on virtual time, fed by real traces; compares the SLO "
         "controller with static, static-peak, threshold (HPA), throughput (Dynamo-planner) and oracle.",
     )
-    p.add_argument("--trace", action="append", required=True, metavar="FILE",
+    p.add_argument("--trace", action="append", metavar="FILE",
                    help="Azure CSV, Mooncake JSONL or generic CSV/JSONL; repeat to play traces in sequence")
+    p.add_argument("--scenario", metavar="FILE",
+                   help="a scenario file (configs/scenarios): its traffic, profile, objectives, mode, budget, flip "
+                   "and cold-start times replace those flags (pd-controller bench runs the whole matrix)")
     p.add_argument("--trace-format", choices=["auto", "azure", "mooncake", "generic"], default="auto")
     p.add_argument("--profile", default=DEFAULT_PROFILE, help=f"profile YAML or shipped name (default {DEFAULT_PROFILE})")
     p.add_argument("--config", help="YAML config: its control section sets the controller's parameters")
@@ -88,12 +92,26 @@ def _params(args: argparse.Namespace, prof_gpi: int) -> ControlParams:
 
 
 def build_context(args: argparse.Namespace) -> tuple[SimContext, SimConfig]:
+    if getattr(args, "scenario", None):
+        from controller.sim.scenarios import build, load_scenario
+
+        if args.trace:
+            raise ModelInputError("trace", args.trace, "--scenario names its own traffic; drop --trace")
+        sc = load_scenario(args.scenario)
+        return build(sc, Path(args.scenario).parent)
+    if not args.trace:
+        raise ModelInputError("trace", None, "give --trace FILE (repeatable) or --scenario FILE")
     for name in ("rate_scale", "time_scale", "flip_time_s", "cold_start_s"):
         v = getattr(args, name)
         if not (v >= 0 and math.isfinite(v)) or (name.endswith("scale") and v <= 0):
             raise ModelInputError(name, v, "must be a positive number" if name.endswith("scale") else "must be >= 0")
     prof = load_profile(args.profile)
     traces = [load_trace(t, args.trace_format) for t in args.trace]
+    # superposed copies cost memory per request: bound the result before building it
+    total = sum(len(t) for t in traces) * args.rate_scale
+    if total > MAX_SIM_REQUESTS:
+        raise ModelInputError("rate_scale", args.rate_scale,
+                              f"{total:.3g} requests: above the simulator's bound of {MAX_SIM_REQUESTS}")
     # scale each trace before splicing, so scaled copies never leak across the splice
     if args.time_scale != 1.0:
         traces = [t.time_scaled(args.time_scale) for t in traces]

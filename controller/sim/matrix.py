@@ -116,7 +116,7 @@ def _result_dict(r: Result, ctx: SimContext) -> dict[str, Any]:
 
 def run_job(job: Job) -> dict[str, Any]:
     """One job in a worker; never raises (an error is reported in the result)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out: dict[str, Any] = {"scenario": job.scenario, "kind": job.kind, "knob": job.knob, "label": job.label}
     try:
         sc, ctx, sim = _scenario(job.scenario)
@@ -156,6 +156,7 @@ def run_job(job: Job) -> dict[str, Any]:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         out["error"] = f"{type(e).__name__}: {e} ({Path(tb.filename).name}:{tb.lineno})"
     out["wall_s"] = round(time.perf_counter() - t0, 3)
+    out["cpu_s"] = round(time.process_time() - c0, 3)  # the job's own CPU time: what a shared machine cannot inflate
     return out
 
 
@@ -331,7 +332,8 @@ CHECK_COLS = ("attainment", "gpu_le_static_best", "gpu_le_1.2x_oracle", "goodput
 def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> str:
     out = ["# Scenario matrix", "",
            f"{meta['scenarios']} scenarios, {meta['jobs']} jobs on {meta['workers']} worker processes, "
-           f"{meta['wall_s']:.0f} s wall ({meta['started']}). Command: `{meta['command']}`.", "",
+           f"{meta['wall_s']:.0f} s wall, {meta.get('cpu_s', 0):.0f} CPU-seconds in the jobs ({meta['started']}). "
+           f"Command: `{meta['command']}`.", "",
            "Elastic rows: SLO attainment / GPU-hours. Fixed-budget rows: attainment / goodput (req/s). "
            "`static-best` and `oracle` are found by simulation (docs/simulate.md); the best baseline is the best of "
            "static, static-peak, threshold and throughput at their best swept knob. Flips: slo's flips / reversals "

@@ -12,7 +12,7 @@ import numpy as np
 
 from controller.core.control import Observations
 from controller.core.events import empty_arrivals
-from controller.sim.fleet import Fleet, SimConfig
+from controller.sim.fleet import Fleet, SimConfig, SimError
 from controller.sim.policies import Policy, SimContext
 
 
@@ -66,6 +66,9 @@ class Result:
         return d
 
 
+MAX_TICKS = 2_000_000
+
+
 def _q(x: np.ndarray, q: float) -> float:
     return float(np.quantile(x, q)) if x.size else math.nan
 
@@ -100,6 +103,11 @@ def simulate(
     period = ctx.spec.params.tick_period_s if policy.dynamic else 60.0
     # at least one tick: a one-request trace has zero duration
     end = max(trace.duration_s, ctx.spec.params.tick_period_s)
+    if end / period > MAX_TICKS:
+        # the timeline keeps one point per tick: a trace spanning years (a timestamp in ms read as s)
+        # or a microsecond tick would grow memory without bound
+        raise SimError(f"duration={end:.0f} s at tick_period_s={period:g}: {end / period:.3g} ticks, "
+                       f"above the bound of {MAX_TICKS}")
     nxt = 0
     seen = 0
     last_busy: dict[int, float] = {}

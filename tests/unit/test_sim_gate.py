@@ -104,3 +104,13 @@ def test_one_request_trace_does_not_blow_up(tmp_path, capsys):
     q = tmp_path / "same.csv"
     q.write_text("timestamp_s,input_tokens,output_tokens\n" + "5,100,10\n" * 50)
     assert main(["simulate", "--trace", str(q), "--elastic", "--policy", "static", "--json"]) == 0
+
+
+def test_degenerate_spans_and_scales_are_one_line_errors(tmp_path, capsys):
+    far = tmp_path / "far.csv"  # a millisecond timestamp read as seconds: 95 years of ticks
+    far.write_text("timestamp_s,input_tokens,output_tokens\n0,100,10\n3e9,100,10\n")
+    assert main(["simulate", "--trace", str(far), "--policy", "slo"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "ticks, above the bound" in err
+    assert main(["simulate", "--trace", str(far), "--rate-scale", "1e7"]) == 2
+    assert "rate_scale=10000000.0" in capsys.readouterr().err
