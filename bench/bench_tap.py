@@ -1,13 +1,15 @@
 """Tap overhead: the same streaming load sent straight to the real router and through the tap, in one run.
 
-Real sglang-router (PD mode) + emulated prefill/decode workers + `pd-router-tap`
+Real PD router (smg or sglang-router) + emulated prefill/decode workers + `pd-router-tap`
 as its own process, all on loopback. An open-loop Poisson load of `--rate`
 streaming requests/s alternates request by request between the two paths, so
 both see the same fleet state; the client measures TTFT (request sent -> first
 SSE data event) and end-to-end time. Prints p50/p99 for each path and the
 difference. Targets: <= 1 ms added p50 and <= 5 ms added p99 TTFT at >= 200 req/s.
 
-    python bench/bench_tap.py [--rate 200] [--duration 20] [--tokens 16]
+    python bench/bench_tap.py [--rate 200] [--duration 20] [--tokens 16] [--router smg --router sglang-router]
+
+Behind smg (the default router) and sglang-router 0.3.2 in turn, unless --router names one.
 """
 
 from __future__ import annotations
@@ -80,20 +82,10 @@ def summary(rows: list[tuple[float, float, int]]) -> tuple[np.ndarray, np.ndarra
     return ttft, e2e, len(rows) - len(ok)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rate", type=float, default=200.0, help="total requests/s (half per path)")
-    ap.add_argument("--duration", type=float, default=20.0)
-    ap.add_argument("--tokens", type=int, default=16)
-    ap.add_argument("--time-scale", type=float, default=0.01, help="emulated worker speed-up")
-    ap.add_argument("--decode", type=int, default=1)
-    ap.add_argument("--client-usage", action="store_true", help="clients ask for usage (no injection by the tap)")
-    a = ap.parse_args()
-    global USAGE
-    USAGE = a.client_usage
+def run_one(router: str, a: argparse.Namespace) -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="bench-tap-"))
     with EmulatedFleet("llama2-70b-h100-tp8", 1, a.decode, time_scale=a.time_scale, log_dir=d / "fleet",
-                       model="m") as fleet:
+                       model="m", router=router) as fleet:
         tap = TapProc(fleet.router_url, d)
         try:
             c0 = cpu_s(tap.proc.pid)
@@ -103,16 +95,42 @@ def main() -> None:
             tap.stop()
     got = {k: summary(v) for k, v in res.items()}
     n = sum(len(v) for v in res.values())
-    print(f"{n} streaming /v1/completions requests at {a.rate:g} req/s offered for {a.duration:g}s "
+    print(f"[{router}] {n} streaming /v1/completions requests at {a.rate:g} req/s offered for {a.duration:g}s "
           f"({a.tokens} tokens each), alternating straight / through the tap")
     for k, (ttft, e2e, failed) in got.items():
         print(f"  {k:6s}: n={ttft.size:5d} failed={failed}  TTFT p50 {np.percentile(ttft, 50):7.2f} ms  "
               f"p99 {np.percentile(ttft, 99):7.2f} ms   e2e p50 {np.percentile(e2e, 50):7.2f} ms")
     (t_d, _, _), (t_t, _, _) = got["direct"], got["tap"]
-    print(f"  added by the tap: TTFT p50 {np.percentile(t_t, 50) - np.percentile(t_d, 50):+.2f} ms, "
-          f"p99 {np.percentile(t_t, 99) - np.percentile(t_d, 99):+.2f} ms")
+    out = {
+        "p50": float(np.percentile(t_t, 50) - np.percentile(t_d, 50)),
+        "p99": float(np.percentile(t_t, 99) - np.percentile(t_d, 99)),
+        "failed": float(got["direct"][2] + got["tap"][2]),
+    }
+    print(f"  added by the tap: TTFT p50 {out['p50']:+.2f} ms, p99 {out['p99']:+.2f} ms")
     n_tap = len(res["tap"]) + 20  # + the warm-up requests
-    print(f"  tap process CPU: {tap_cpu:.2f} s for {n_tap} requests = {tap_cpu / n_tap * 1000:.2f} ms per request")
+    out["cpu_ms"] = tap_cpu / n_tap * 1000
+    print(f"  tap process CPU: {tap_cpu:.2f} s for {n_tap} requests = {out['cpu_ms']:.2f} ms per request")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rate", type=float, default=200.0, help="total requests/s (half per path)")
+    ap.add_argument("--duration", type=float, default=20.0)
+    ap.add_argument("--tokens", type=int, default=16)
+    ap.add_argument("--time-scale", type=float, default=0.01, help="emulated worker speed-up")
+    ap.add_argument("--decode", type=int, default=1)
+    ap.add_argument("--router", action="append", default=None,
+                    help="router(s) to measure behind (repeatable): smg, sglang-router (default: both)")
+    ap.add_argument("--client-usage", action="store_true", help="clients ask for usage (no injection by the tap)")
+    a = ap.parse_args()
+    global USAGE
+    USAGE = a.client_usage
+    results = {r: run_one(r, a) for r in (a.router or ["smg", "sglang-router"])}
+    print(f"\nadded TTFT at {a.rate:g} req/s (tap minus straight to the router):")
+    print(f"  {'router':14s} {'p50 ms':>8s} {'p99 ms':>8s} {'failed':>7s} {'tap CPU ms/req':>15s}")
+    for r, x in results.items():
+        print(f"  {r:14s} {x['p50']:+8.2f} {x['p99']:+8.2f} {x['failed']:7.0f} {x['cpu_ms']:15.2f}")
     print("target: <= 1 ms added p50, <= 5 ms added p99")
 
 
