@@ -227,6 +227,38 @@ class TelemetryConfig(_Section):
     fresh_s: float = Field(30.0, gt=0, description="/readyz: telemetry newer than this counts as fresh")
     max_pending_events: int = Field(1_000_000, ge=1, description="events buffered between two ticks at most")
     rcvhwm: int = Field(10_000, ge=1, description="SUB receive high-water mark, frames")
+    # the tap channel's security and plausibility (docs/security.md, "Router tap and telemetry")
+    curve_secret_key: Path | None = Field(
+        None, description="the controller's CURVE secret key file (NAME.key_secret, `agent --keygen`)"
+    )
+    curve_server_keys: list[Path] = Field(
+        default_factory=list, description="the taps' public key files (.key): one for all endpoints, or one each"
+    )
+    allow_insecure: bool = Field(
+        False, description="subscribe to non-loopback zmq_endpoints without CURVE (anyone there can feed events)"
+    )
+    max_context_tokens: int = Field(
+        10_000_000, ge=1, description="events claiming more input or output tokens are dropped as too_long"
+    )
+    max_sources: int = Field(32, ge=1, description="distinct tap source ids labelled in metrics; the rest are 'other'")
+
+    @model_validator(mode="after")
+    def _curve(self) -> TelemetryConfig:
+        from router_plugin.keys import is_loopback_endpoint
+
+        if (self.curve_secret_key is None) != (not self.curve_server_keys):
+            raise ValueError("curve_secret_key and curve_server_keys go together "
+                             f"(got {self.curve_secret_key!r}, {len(self.curve_server_keys)} server keys)")
+        n = len(self.zmq_endpoints)
+        if self.curve_server_keys and n and len(self.curve_server_keys) not in (1, n):
+            raise ValueError(f"curve_server_keys: {len(self.curve_server_keys)} given for {n} zmq_endpoints "
+                             "(give 1, or one per endpoint)")
+        if self.curve_secret_key is None and not self.allow_insecure:
+            for ep in self.zmq_endpoints:
+                if not is_loopback_endpoint(ep):
+                    raise ValueError(f"zmq_endpoints item {ep!r}: not loopback and no CURVE keys "
+                                     "(set curve_secret_key and curve_server_keys, or allow_insecure: true)")
+        return self
 
     @model_validator(mode="after")
     def _endpoints(self) -> TelemetryConfig:

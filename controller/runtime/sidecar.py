@@ -18,7 +18,7 @@ import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from controller.config import Config
+from controller.config import Config, ConfigError
 from controller.core.control import ControlSpec, FleetView, Observations, WorkerStats, initial_state, tick
 from controller.core.control.types import Role, Transition
 from controller.metrics import ControllerMetrics
@@ -28,9 +28,11 @@ from controller.runtime.clock import Clock, SystemClock
 from controller.runtime.loop import Decide, TickLoop
 from controller.runtime.supervisor import Outcome, Supervisor
 from controller.telemetry.fleet import RouterFleet
+from controller.telemetry.frames import Plausibility
 from controller.telemetry.hub import TelemetryHub
 from controller.telemetry.scrape import PrometheusScraper
-from controller.telemetry.zmq_source import ZmqSource
+from controller.telemetry.zmq_source import ZmqSource, load_client_curve
+from router_plugin.keys import CurveKeyError
 
 
 def build_spec(cfg: Config) -> ControlSpec:
@@ -76,7 +78,8 @@ class Sidecar:
         self.clock: Clock = clock or SystemClock()
         self.metrics = ControllerMetrics(registry)
         t = cfg.telemetry
-        self.hub = TelemetryHub(max_pending=t.max_pending_events, metrics=self.metrics)
+        self.hub = TelemetryHub(max_pending=t.max_pending_events, metrics=self.metrics, max_sources=t.max_sources,
+                                plausibility=Plausibility(max_context_tokens=t.max_context_tokens))
         self.spec = build_spec(cfg) if decide is None else None
         self.actuator = actuator
         # one reader of the fleet: the actuator when there is one (it reads the router's /workers with
@@ -87,8 +90,14 @@ class Sidecar:
         self._actuator_roles: dict[str, str] = {}
         self._actuator_workers: list[dict[str, Any]] = []
         self._flip_seen_s: dict[str, float] = {}  # url -> when a flip of it was first observed
-        self.zmq = ZmqSource(t.zmq_endpoints, self.hub, self.clock.now, rcvhwm=t.rcvhwm, ctx=zmq_ctx) \
-            if t.zmq_endpoints else None
+        curve = None
+        if t.curve_secret_key is not None and t.zmq_endpoints:
+            try:
+                curve = load_client_curve(t.curve_secret_key, t.curve_server_keys, len(t.zmq_endpoints))
+            except CurveKeyError as e:
+                raise ConfigError(f"telemetry: {e}") from None
+        self.zmq = ZmqSource(t.zmq_endpoints, self.hub, self.clock.now, rcvhwm=t.rcvhwm, ctx=zmq_ctx, curve=curve,
+                             allow_insecure=t.allow_insecure) if t.zmq_endpoints else None
         synth = t.synthesize_from_scrape if t.synthesize_from_scrape is not None else not t.zmq_endpoints
         self.scraper = PrometheusScraper(
             t.router_url, self.hub, self.clock.now, metrics_url=t.router_metrics_url,
