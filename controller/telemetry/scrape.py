@@ -15,7 +15,7 @@ Two uses:
   (histogram sum / count). TTFT follows `sglang:time_to_first_token_seconds`
   the same way (else smg's `smg_pd_ttft_seconds`); TPOT is the interval's mean
   inter-token latency. Without the token histograms every record carries the
-  interval means (counter deltas), as before. docs/sidecar.md says what each
+  interval means (counter deltas), as before. docs/telemetry.md says what each
   mode loses against the tap.
 
 In PD mode a request passes through one prefill and one decode worker, so

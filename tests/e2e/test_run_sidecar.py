@@ -29,7 +29,7 @@ from router_plugin.wire import RequestEvent, encode_frame
 from tests.conftest import PROFILES
 from tests.e2e._tap_procs import TapProc, get_json, stop, wait_http
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.router_compat]
 TOKEN = "e2e-token"
 
 

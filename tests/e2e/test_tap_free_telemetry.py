@@ -6,7 +6,7 @@ real tap in front of it. The same 300 requests (log-normal prompts of ~20 to
 events arrive over ZeroMQ, while the scraper reads only what the router and
 the workers export (`/engine_metrics`, smg's `/metrics`) and synthesizes
 records from the token histograms. Both event sets go through the core's own
-estimator. Stated tolerance (docs/sidecar.md, "Tap-free telemetry"):
+estimator. Stated tolerance (docs/telemetry.md):
 
 - request count and rate: equal (both see every completed request);
 - mean input, uncached input and output length: within 1 % (histogram sum / count is exact);
