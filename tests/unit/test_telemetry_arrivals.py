@@ -319,3 +319,29 @@ def test_streamed_flag_survives_and_synthetic_flag_never_does():
                                                        comp(2, flags=FLAG_SYNTHETIC).pack_v2()])
     assert hub.ingest_frame(frame, NOW) == 1
     assert hub.drain()["flags"].tolist() == [FLAG_STREAMED | FLAG_ESTIMATED]
+
+
+def test_config_refuses_a_remote_tap_without_keys(keys):
+    from controller.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"zmq_endpoints item 'tcp://10\.0\.0\.5:5557': not loopback"):
+        config_from_dict({"telemetry": {"zmq_endpoints": ["tcp://10.0.0.5:5557"]}}, origin="t")
+    with pytest.raises(ConfigError, match="go together"):
+        config_from_dict({"telemetry": {"curve_secret_key": keys["ctl"][1]}}, origin="t")
+    with pytest.raises(ConfigError, match="2 given for 3 zmq_endpoints"):
+        config_from_dict({"telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2", "ipc:///x"],
+                                        "curve_secret_key": keys["ctl"][1],
+                                        "curve_server_keys": [keys["tap"][0]] * 2}}, origin="t")
+    ok = config_from_dict({"telemetry": {"zmq_endpoints": ["tcp://10.0.0.5:5557"], "curve_secret_key": keys["ctl"][1],
+                                         "curve_server_keys": [keys["tap"][0]]}}, origin="t")
+    assert ok.telemetry.max_sources == 32
+    config_from_dict({"telemetry": {"zmq_endpoints": ["tcp://10.0.0.5:5557"], "allow_insecure": True}}, origin="t")
+
+
+def test_tap_cli_refuses_a_public_publish_without_keys(capsys):
+    from router_plugin.tap import main
+
+    assert main(["--router", "http://127.0.0.1:1", "--publish", "tcp://0.0.0.0:0"]) == 2
+    assert "binds loopback only" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--router", "http://127.0.0.1:1", "--curve-secret-key", "/x"])
