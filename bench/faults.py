@@ -54,7 +54,6 @@ PROFILE = "llama2-70b-h100-tp8"
 CONSISTENCY_TARGET_S = 60.0
 # argv prefix of a server start that takes argv[1] seconds: sleep, then become the real command
 DELAYED_EXEC = "import os, sys, time; time.sleep(float(sys.argv[1])); os.execv(sys.argv[2], sys.argv[2:])"
-PAGE = os.sysconf("SC_PAGE_SIZE")
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -62,8 +61,14 @@ HZ = os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as f:
-        return int(f.read().split()[1]) * PAGE / 1e6
+    """Resident plus swapped-out memory (MB): on a shared machine the kernel may reclaim pages of an idle
+    process, which would read as a fall in RSS alone."""
+    kb = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmSwap:")):
+                kb += int(line.split()[1])
+    return kb / 1000.0
 
 
 def cpu_s(pid: int) -> float:
