@@ -639,7 +639,8 @@ def table(results: list[CaseResult]) -> str:
 
 
 async def suite(args: argparse.Namespace, out: Any) -> list[CaseResult]:
-    names = [c for c in args.cases.split(",") if c] if args.cases else [*CASES, "flips_under_light_load"]
+    names = [c for c in args.cases.split(",") if c and c != "soak"] if args.cases else \
+        [*CASES, "flips_under_light_load"]
     unknown = [n for n in names if n not in CASES and n != "flips_under_light_load"]
     if unknown:
         raise SystemExit(f"--cases: unknown {unknown}; known: {[*CASES, 'flips_under_light_load']}")
@@ -690,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--config", type=Path, required=True)
     c.add_argument("--cue", type=Path, required=True)
     c.add_argument("--scripted", action="store_true")
-    p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    p.add_argument("--cases", default="", help="comma-separated case names (default: all; 'soak': the soak only)")
     p.add_argument("--soak-s", type=float, default=600.0, help="soak length (0 = no soak)")
     p.add_argument("--rate", type=float, default=4.0, help="load, requests/s through the tap")
     p.add_argument("--switch-s", type=float, default=3.0,
