@@ -248,8 +248,6 @@ class DrainedFlipper:
     def port_for(self, url: str, known: int | None = None) -> int | None:
         return self.bootstrap_ports.get(url, known)
 
-    _port_for = port_for
-
     async def flip(self, worker: str, to_role: Role, reason: str) -> ActionResult:
         worker = worker.rstrip("/")
         to_role = check_role(to_role)
