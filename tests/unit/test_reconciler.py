@@ -277,3 +277,34 @@ async def test_agent_report_never_overrides_what_the_worker_serves(fleet: Contra
             await sw.switch(url, "prefill", 1.0)
     finally:
         await http.close()
+
+
+async def test_controller_killed_during_a_switch_recovery_waits_for_it(fleet: ContractFleet, registry, tmp_path):
+    # a controller died while d1 restarted as prefill (a 20 s switch): d1 does not answer yet. Before, recovery
+    # saw "serves nothing", tried a rollback that waited for the dead worker to go idle, failed and never retried.
+    import asyncio
+    import json
+
+    del fleet.registry["id-d1"]
+    fleet.workers["d1"].dead = True
+    journal = {fleet.url("d1"): {"worker": fleet.url("d1"), "from_role": "decode", "to_role": "prefill",
+                                 "reason": "r", "started_at": 0.0, "step": "switch", "bootstrap_port": None,
+                                 "history": []}}
+    (tmp_path / "flips.json").write_text(json.dumps(journal))
+
+    async def restart_finishes() -> None:
+        await asyncio.sleep(0.3)
+        fleet.workers["d1"].role = "prefill"
+        fleet.workers["d1"].dead = False
+
+    act = make(fleet, registry, tmp_path, switch_timeout_s=5.0)
+    done = asyncio.create_task(restart_finishes())
+    try:
+        await act.fleet()  # the first look at the fleet recovers
+        report = await act.reconcile()
+    finally:
+        await done
+        await act.close()
+    assert [(r.outcome, r.detail) for r in act.recovered] == [("done", "finished after restart")]
+    assert roles(fleet)["d1"] == "prefill" and report.consistent
+    assert json.loads((tmp_path / "flips.json").read_text()) == {}
