@@ -106,6 +106,7 @@ READ_PATHS = frozenset({"/v1/models", "/health", "/health_generate", "/liveness"
 _MODEL_PATH = re.compile(r"^/v1/models/[^/]+$")
 _USAGE_MEMBER = b',"stream_options":{"include_usage":true}'
 _JSON_WS = b" \t\r\n"
+KEEPALIVE_S = 75.0  # idle keep-alive connections are closed after this (nginx's default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -631,20 +632,56 @@ class _Gate:
         self.open = 0
         self.refusing = 0
         self.refused = 0
+        self.header_timeouts = 0
 
 
 class _CountedProtocol(asyncio.Protocol):
-    """Wraps aiohttp's per-connection protocol to release the gate when the connection closes."""
+    """Wraps aiohttp's per-connection protocol: the connection cap and the header timeout.
 
-    def __init__(self, inner: asyncio.Protocol, gate: _Gate) -> None:
+    The header timeout runs from a connection's first byte of a request (or from
+    the connection itself) until the request's handler starts, i.e. until its
+    headers are complete; an idle keep-alive connection between requests is aiohttp's
+    keep-alive business, not this timer's. A connection over time is closed.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, gate: _Gate, header_timeout_s: float,
+                 registry: dict[asyncio.BaseTransport, _CountedProtocol]) -> None:
         self.inner = inner
         self.gate = gate
+        self.header_timeout_s = header_timeout_s
+        self.registry = registry
+        self.transport: asyncio.BaseTransport | None = None
+        self.busy = 0
+        self.timer: asyncio.TimerHandle | None = None
         gate.open += 1
 
+    def _arm(self) -> None:
+        if self.timer is None and not self.busy:
+            self.timer = asyncio.get_running_loop().call_later(self.header_timeout_s, self._expired)
+
+    def _expired(self) -> None:
+        self.timer = None
+        if not self.busy and self.transport is not None:
+            self.gate.header_timeouts += 1
+            self.transport.close()
+
+    def request_started(self) -> None:
+        self.busy += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def request_done(self) -> None:
+        self.busy -= 1  # the next request's timer starts with its first byte
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.registry[transport] = self
+        self._arm()
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        self._arm()
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
@@ -658,6 +695,11 @@ class _CountedProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.gate.open -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.transport is not None:
+            self.registry.pop(self.transport, None)
         self.inner.connection_lost(exc)
 
 
@@ -725,6 +767,7 @@ class Tap:
         self.unreachable = 0
         self.buffered = 0  # bytes of bodies held for measurement right now
         self.gate = _Gate(self.limits.max_connections)
+        self._conns: dict[asyncio.BaseTransport, _CountedProtocol] = {}
         self._ids = itertools.count(1)
         self._id_base = secrets.randbits(24) << 40  # request ids differ across tap restarts
         self._allow_exact = frozenset(p for p in self.limits.allow_paths if not p.endswith("*"))
@@ -733,8 +776,20 @@ class Tap:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @web.middleware
+    async def _in_request(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every handler (the tap's own endpoints too) stops its connection's header timer while it runs."""
+        conn = self._conns.get(request.transport) if request.transport is not None else None
+        if conn is None:  # served without start_server (tests with a plain AppRunner): no timer
+            return await handler(request)  # type: ignore[no-any-return]
+        conn.request_started()
+        try:
+            return await handler(request)  # type: ignore[no-any-return]
+        finally:
+            conn.request_done()
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._in_request])
         app.router.add_get("/tap/metrics", self.handle_metrics)
         app.router.add_get("/tap/healthz", self.handle_health)
         app.router.add_route("*", "/{tail:.*}", self.handle, expect_handler=self._expect)
@@ -771,7 +826,7 @@ class Tap:
         def factory() -> asyncio.Protocol:
             if self.gate.open >= self.gate.limit:
                 return _BusyProtocol(self.gate)
-            return _CountedProtocol(server(), self.gate)
+            return _CountedProtocol(server(), self.gate, self.limits.header_timeout_s, self._conns)
 
         return factory
 
@@ -794,9 +849,11 @@ class Tap:
         lines = family("pdtap_requests_total", "counter", "Requests passed through the tap, by endpoint and HTTP status.",
                        [f'pdtap_requests_total{{endpoint="{ep}",status="{st}"}} {n}'
                         for (ep, st), n in sorted(self.requests.items())])
-        reasons = {"not_forwarded", "too_large", "body_timeout", "bad_body", "too_many_connections"} | set(self.refused)
+        reasons = {"not_forwarded", "too_large", "body_timeout", "header_timeout", "bad_body",
+                   "too_many_connections"} | set(self.refused)
         refused = Counter(self.refused)
         refused["too_many_connections"] = self.gate.refused
+        refused["header_timeout"] = self.gate.header_timeouts
         lines += family("pdtap_refused_total", "counter", "Requests the tap answered itself (never forwarded), by reason.",
                         [f'pdtap_refused_total{{reason="{r}"}} {refused[r]}' for r in sorted(reasons)])
         lines += family("pdtap_router_connect_retries_total", "counter",
@@ -1192,13 +1249,12 @@ class TapServer:
 async def start_server(tap: Tap, host: str, port: int) -> TapServer:
     """Serve `tap` on host:port with the connection cap and the header timeout.
 
-    aiohttp closes a connection that has not completed a request's headers within its
-    keep-alive timeout (counted from the connection or from the last answer), so
-    `header_timeout_s` serves as both the header read timeout and the idle keep-alive time.
+    The header timeout is the connection wrapper's (see _CountedProtocol); idle
+    keep-alive connections are closed by aiohttp after 75 s, like nginx's default.
     """
     # lingering_time: after refusing a body (413) keep reading and discarding it for 2 s at most,
     # so the client can read the answer instead of a reset; then close
-    runner = web.AppRunner(tap.app(), access_log=None, keepalive_timeout=tap.limits.header_timeout_s,
+    runner = web.AppRunner(tap.app(), access_log=None, keepalive_timeout=KEEPALIVE_S,
                            handle_signals=False, lingering_time=2.0)
     await runner.setup()
     assert runner.server is not None
@@ -1273,7 +1329,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parse-budget-mb", type=_positive(float, "--parse-budget-mb"),
                    default=d.parse_budget_bytes / 2**20, help="all bodies held for parsing together at most")
     g.add_argument("--header-timeout-s", type=_positive(float, "--header-timeout-s"), default=d.header_timeout_s,
-                   help="request headers must arrive within this (also the idle keep-alive time)")
+                   help="a request's headers must be complete within this of its first byte (or of the connection)")
     g.add_argument("--body-timeout-s", type=_positive(float, "--body-timeout-s"), default=d.body_timeout_s,
                    help="the whole body must arrive within this after the headers (408 otherwise)")
     g.add_argument("--max-connections", type=_positive(int, "--max-connections"), default=d.max_connections,

@@ -181,12 +181,37 @@ async def test_slow_body_is_408_within_the_body_timeout(upstream):
 
 async def test_slow_headers_are_cut_off(upstream):
     url, _app = upstream
-    _t, server, _b = await _tap(url, header_timeout_s=0.5)
+    tap, server, _b = await _tap(url, header_timeout_s=0.5)
     try:
         r, w = await asyncio.open_connection("127.0.0.1", server.port)
         w.write(b"POST /generate HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # never finished
         await w.drain()
         assert await asyncio.wait_for(r.read(), 10) == b""  # the tap closed the connection
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)  # nothing sent at all
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        w.close()
+        assert tap.gate.header_timeouts == 2
+        assert 'pdtap_refused_total{reason="header_timeout"} 2' in tap.metrics_text()
+    finally:
+        await server.close()
+
+
+async def test_idle_keepalive_and_long_answers_outlive_the_header_timeout(upstream):
+    """The header timer runs only while a request's headers are incomplete, not between requests."""
+    url, _app = upstream
+    _t, server, _b = await _tap(url, header_timeout_s=0.3)
+    req = b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 13\r\n\r\n{\"text\": \"a\"}"
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", server.port)
+        for _ in range(2):
+            w.write(req)
+            await w.drain()
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200")
+            n = int(next(x for x in head.split(b"\r\n") if x.lower().startswith(b"content-length")).split(b":")[1])
+            await r.readexactly(n)
+            await asyncio.sleep(0.8)  # idle for longer than the header timeout: still open
         w.close()
     finally:
         await server.close()
