@@ -19,7 +19,15 @@ import numpy as np
 from controller.core.control.estimators import EventWindow, estimate
 from controller.core.events import EVENT_DTYPE
 from controller.telemetry.hub import TelemetryHub
-from router_plugin.wire import HEADER, RequestEvent, encode_frame
+from router_plugin.wire import (
+    HEADER,
+    KIND_ARRIVAL,
+    KIND_COMPLETION,
+    ArrivalEvent,
+    RequestEvent,
+    encode_frame,
+    encode_frame_v2,
+)
 
 
 def make_frames(n_events: int, batch: int, now: float) -> list[bytes]:
@@ -34,6 +42,31 @@ def make_frames(n_events: int, batch: int, now: float) -> list[bytes]:
         k = min(batch, n_events - i)
         frames.append(encode_frame("bench", seq, [recs[(i + j) % len(recs)] for j in range(k)]))
     return frames
+
+
+def make_frames_v2(n_requests: int, batch: int, now: float) -> list[bytes]:
+    """Wire v2 as the tap sends it: per batch of requests, an arrival frame, then their completions."""
+    rng = np.random.default_rng(0)
+    frames = []
+    seq = 0
+    for i in range(0, n_requests, batch):
+        k = min(batch, n_requests - i)
+        t = now - float(rng.uniform(0, 30))
+        arr = [ArrivalEvent(t, i + j + 1, 1000 + j, 256, 2, 4, "model").pack() for j in range(k)]
+        done = [RequestEvent(t, 1000 + j, 0, 200, 0.3, 0.02, 2.0, 200, 2, 1, i + j + 1).pack_v2() for j in range(k)]
+        frames += [encode_frame_v2("bench", seq, KIND_ARRIVAL, arr), encode_frame_v2("bench", seq + 1, KIND_COMPLETION, done)]
+        seq += 2
+    return frames
+
+
+def v2_decode_join(frames: list[bytes], now: float) -> tuple[float, int, int]:
+    """Decode + validate + hub with the arrival/completion join; (seconds, records kept, in flight at the end)."""
+    hub = TelemetryHub(max_pending=10_000_000, max_pending_arrivals=10_000_000)
+    t0 = time.perf_counter()
+    n = sum(hub.ingest_frame(f, now) for f in frames)
+    hub.drain_arrivals()
+    hub.drain()
+    return time.perf_counter() - t0, n, hub.in_flight(now)
 
 
 def decode_only(frames: list[bytes], now: float) -> tuple[float, int]:
@@ -128,6 +161,10 @@ def main() -> None:
     dt, n = in_process(frames, now, a.tick_every_frames)
     print(f"in-process  decode+validate+hub+core window/estimators: {n:,} events in {dt:.3f}s = {n / dt:,.0f} events/s "
           f"({a.batch} events/frame)")
+    n_req = a.events // 2
+    dt, n, open_ = v2_decode_join(make_frames_v2(n_req, a.batch, now), now)
+    print(f"in-process  wire v2 arrivals + completions, joined by request id: {n:,} records ({n_req:,} requests) "
+          f"in {dt:.3f}s = {n / dt:,.0f} records/s = {n_req / dt:,.0f} requests/s (in flight after: {open_})")
     dt, n, lost = asyncio.run(over_zmq(frames, now))
     print(f"ZeroMQ SUB  loopback tcp, publisher in another process: {n:,} events in {dt:.3f}s = {n / dt:,.0f} events/s"
           f" (lost {lost})")
