@@ -13,7 +13,8 @@ Baselines, from their public descriptions:
   busy fraction; decode batch / B*) against a target; desired =
   ceil(current * util / target), 10% tolerance, scale-up at once, scale-down
   to the maximum recommendation of the last 5 minutes, sync every 15 s.
-- throughput: NVIDIA-Dynamo-planner style (throughput-based): every
+- throughput: an imitation, written here, of NVIDIA Dynamo's throughput-based planner
+  (`dynamo`, an optional extra, runs the real one: controller/sim/dynamo_policy.py): every
   adjustment interval, predict next interval's request rate and mean ISL/OSL
   (constant predictor), replicas = ceil(token demand / per-instance throughput
   at full utilisation) - prefill at TPmax(ISL), decode at the TPOT objective's
@@ -287,7 +288,7 @@ class ThresholdPolicy(Policy):
 
 
 class ThroughputPolicy(Policy):
-    """Dynamo-planner style: token demand at full utilisation, one decision per interval."""
+    """An imitation of Dynamo's throughput planner: token demand at full utilisation, one decision per interval."""
 
     name = "throughput"
     interval_s = 60.0
