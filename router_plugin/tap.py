@@ -440,8 +440,13 @@ def _count_ids(x: Any) -> int | None:
     if isinstance(x, list) and x and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
         return len(x)
     if isinstance(x, list) and x and all(isinstance(i, list) for i in x):
-        parts = [_count_ids(i) for i in x]
-        return sum(parts) if all(p is not None for p in parts) else None  # type: ignore[misc]
+        total = 0
+        for i in x:
+            k = _count_ids(i)
+            if k is None:
+                return None
+            total += k
+        return total
     return None
 
 

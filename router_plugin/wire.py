@@ -146,4 +146,5 @@ def decode_header(frame: bytes) -> tuple[int, int, int, str, int]:
 
 def frame_kind(frame: bytes) -> int:
     """The kind byte of a frame's header (0 for every version-1 frame)."""
-    return HEADER.unpack_from(frame)[2]
+    kind: int = HEADER.unpack_from(frame)[2]
+    return kind

@@ -343,3 +343,23 @@ def test_limits_refuse_nonsense():
         with pytest.raises(ValueError, match=msg):
             Limits(**kw)
     assert HEADER.size == 32
+
+
+def test_measure_request_counts_ids_exactly_and_estimates_text():
+    from router_plugin.tap import measure_request
+    from router_plugin.wire import ENDPOINTS
+
+    gen, comp, chat = ENDPOINTS["/generate"], ENDPOINTS["/v1/completions"], ENDPOINTS["/v1/chat/completions"]
+    m = measure_request(gen, {"input_ids": [[1, 2, 3], [4, 5]], "sampling_params": {"max_new_tokens": 9}}, 4.0, True)
+    assert (m.input_tokens, m.estimated, m.max_tokens, m.splice_usage) == (5, False, 9, False)
+    m = measure_request(comp, {"model": "x", "prompt": [7] * 11, "max_tokens": 3, "stream": True}, 4.0, True)
+    assert (m.input_tokens, m.estimated, m.model, m.stream, m.splice_usage) == (11, False, "x", True, True)
+    m = measure_request(comp, {"prompt": "abcdefgh" * 10, "stream": True, "stream_options": {}}, 4.0, True)
+    assert (m.input_tokens, m.estimated, m.splice_usage) == (20, True, False)
+    msgs = [{"role": "system", "content": "x" * 40}, {"role": "user", "content": [{"type": "text", "text": "y" * 8},
+                                                                                  {"type": "image_url"}]}]
+    m = measure_request(chat, {"messages": msgs, "max_completion_tokens": 5, "max_tokens": 99}, 4.0, False)
+    assert (m.input_tokens, m.max_tokens, m.estimated) == (12 + 2 * 4, 5, True)  # 48 bytes / 4 + 4 per message
+    for junk in (None, [], "x", {"input_ids": [True, 2]}, {"messages": "x"}, {"max_tokens": -3}, {"max_tokens": 1e99}):
+        m = measure_request(gen, junk, 4.0, True)
+        assert m.max_tokens in (0, 0xFFFFFFFF) and m.input_tokens >= 0
