@@ -41,6 +41,21 @@ def _split(values: list[str] | None) -> list[str]:
     return [x.strip() for v in values or [] for x in v.split(",") if x.strip()]
 
 
+def _source_state() -> tuple[str | None, bool | None]:
+    """The commit the report describes, and whether controller/ had uncommitted changes then
+    (the figures describe the working tree, which may be ahead of the commit)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        diff = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "controller"], cwd=root, timeout=10)
+        return rev, diff.returncode != 0
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
 def run(args: argparse.Namespace) -> int:
     pols = _split([args.policy])
     bad = [x for x in pols if x not in POLICY_NAMES]
@@ -69,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     wall = time.perf_counter() - t0
     cpu = sum(float(r.get("cpu_s", 0.0)) for r in results)
+    rev, dirty = _source_state()
     meta = {"scenarios": len(scenarios), "jobs": len(jobs), "workers": workers, "wall_s": wall, "started": started,
-            "cpu_s": cpu,
+            "cpu_s": cpu, "commit": rev, "core_uncommitted_changes": dirty,
             "command": "pd-controller bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
             else "pd-controller bench", "policies": pols}
     out = Path(args.out)

@@ -261,17 +261,17 @@ def evaluate(sc: Scenario, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         sa = slo["slo_attainment"]
         if sb is not None:
             if row["static_best_reached"]:
-                checks["attainment"] = {"pass": sa >= target, "detail": f"slo {sa:.2%} (static-best reaches {target:.0%})"}
+                checks["attainment"] = {"pass": bool(sa >= target), "detail": f"slo {sa:.2%} (static-best reaches {target:.0%})"}
             else:
                 checks["attainment"] = {"pass": None, "detail": f"n/a: static-best {sb['result']['slo_attainment']:.2%}"}
         if not fixed and sb is not None and row["static_best_reached"]:
             ratio = slo["gpu_hours"] / sb["result"]["gpu_hours"]
             row["gpu_vs_static_best"] = ratio
-            checks["gpu_le_static_best"] = {"pass": ratio <= 1.0 + 1e-9 and sa >= target, "detail": f"{ratio:.2f}x"}
+            checks["gpu_le_static_best"] = {"pass": bool(ratio <= 1.0 + 1e-9 and sa >= target), "detail": f"{ratio:.2f}x"}
         if not fixed and orc is not None and orc["gpu_hours"] > 0:
             ratio = slo["gpu_hours"] / orc["gpu_hours"]
             row["gpu_vs_oracle"] = ratio
-            checks["gpu_le_1.2x_oracle"] = {"pass": ratio <= 1.2 + 1e-9 and sa >= target, "detail": f"{ratio:.2f}x"}
+            checks["gpu_le_1.2x_oracle"] = {"pass": bool(ratio <= 1.2 + 1e-9 and sa >= target), "detail": f"{ratio:.2f}x"}
         if fixed and "mix-shift" in sc.tags and sb is not None:
             g = slo["goodput_rps"]
             vs_sb = g / max(sb["result"]["goodput_rps"], 1e-12)
@@ -279,10 +279,10 @@ def evaluate(sc: Scenario, jobs: list[dict[str, Any]]) -> dict[str, Any]:
                       if k not in ("slo", "static-best", "oracle") and r["slo_attainment"] >= target]
             vs_other = g / max(others) if others else math.inf
             row["goodput_vs_static_best"] = vs_sb
-            checks["goodput_1.2x_static_best"] = {"pass": vs_sb >= 1.2 and sa >= target, "detail": f"{vs_sb:.2f}x"}
-            checks["goodput_1.1x_others"] = {"pass": vs_other >= 1.1 and sa >= target,
+            checks["goodput_1.2x_static_best"] = {"pass": bool(vs_sb >= 1.2 and sa >= target), "detail": f"{vs_sb:.2f}x"}
+            checks["goodput_1.1x_others"] = {"pass": bool(vs_other >= 1.1 and sa >= target),
                                              "detail": f"{vs_other:.2f}x" if others else "no other policy at target"}
-        unj = slo.get("flip_reversals_unjustified", 0)
+        unj = int(slo.get("flip_reversals_unjustified", 0))
         checks["no_flip_reversal_5min"] = {"pass": unj == 0,
                                            "detail": f"{unj} unjustified of {slo.get('flip_reversals', 0)}"}
         fams: dict[str, list[tuple[float, float]]] = {}
@@ -291,11 +291,19 @@ def evaluate(sc: Scenario, jobs: list[dict[str, Any]]) -> dict[str, Any]:
             if fam in BASELINES:
                 fams.setdefault(fam, []).append((r["gpu_hours"], r["goodput_rps"] if fixed else r["slo_attainment"]))
         if fixed:
-            beaten = {f: slo["goodput_rps"] > max(y for _, y in pts) for f, pts in fams.items()}
+            beaten = {f: bool(slo["goodput_rps"] > max(y for _, y in pts) + 1e-9) for f, pts in fams.items()}
+            top = max((y for pts in fams.values() for _, y in pts), default=0.0)
+            tie = bool(fams) and abs(slo["goodput_rps"] - top) <= 1e-9 and sa >= target
         else:
-            beaten = {f: _frontier_beats((slo["gpu_hours"], sa), pts) for f, pts in fams.items()}
+            beaten = {f: bool(_frontier_beats((slo["gpu_hours"], sa), pts)) for f, pts in fams.items()}
+            tie = False
         lost = [f for f, b in beaten.items() if not b]
-        checks["beyond_frontier"] = {"pass": not lost and bool(fams), "detail": "not beyond: " + ", ".join(lost) if lost else "all"}
+        if tie:
+            # every policy serves everything within the budget: nobody can be beyond anybody
+            checks["beyond_frontier"] = {"pass": None, "detail": "tie: slo and the best baseline have the same goodput"}
+        else:
+            checks["beyond_frontier"] = {"pass": not lost and bool(fams),
+                                         "detail": "not beyond: " + ", ".join(lost) if lost else "all"}
     row["checks"] = checks
     return row
 
@@ -333,7 +341,8 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
     out = ["# Scenario matrix", "",
            f"{meta['scenarios']} scenarios, {meta['jobs']} jobs on {meta['workers']} worker processes, "
            f"{meta['wall_s']:.0f} s wall, {meta.get('cpu_s', 0):.0f} CPU-seconds in the jobs ({meta['started']}). "
-           f"Command: `{meta['command']}`.", "",
+           f"Command: `{meta['command']}`. Source: commit {meta.get('commit')}"
+           + (" with uncommitted changes under controller/" if meta.get("core_uncommitted_changes") else "") + ".", "",
            "Elastic rows: SLO attainment / GPU-hours. Fixed-budget rows: attainment / goodput (req/s). "
            "`static-best` and `oracle` are found by simulation (docs/simulate.md); the best baseline is the best of "
            "static, static-peak, threshold and throughput at their best swept knob. Flips: slo's flips / reversals "
