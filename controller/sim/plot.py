@@ -116,5 +116,5 @@ def plot_scenario(sc: object, jobs: list[dict[str, object]], out: Path) -> None:
     ax[1].legend(h1 + h2, l1 + l2, fontsize=8, loc="lower left")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=72)
     plt.close(fig)
