@@ -304,6 +304,14 @@ def evaluate(sc: Scenario, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             checks["beyond_frontier"] = {"pass": not lost and bool(fams),
                                          "detail": "not beyond: " + ", ".join(lost) if lost else "all"}
+    if slo is not None:
+        # where slo's misses are: the worst minutes and the objective each miss broke
+        ma = slo.get("minute_attainment") or []
+        worst = sorted((a, m) for m, a in enumerate(ma) if a is not None and a < target)[:3]
+        row["slo_misses"] = {"ttft": slo.get("missed_ttft"), "tpot": slo.get("missed_tpot"),
+                             "unfinished": slo.get("unfinished"), "shed": slo.get("shed"),
+                             "minutes_below_target": sum(1 for a in ma if a is not None and a < target),
+                             "worst_minutes": [{"minute": m, "attainment": a} for a, m in worst]}
     row["checks"] = checks
     return row
 
@@ -384,6 +392,12 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
         out.append("")
         for k, c in r["checks"].items():
             out.append(f"- {k}: {_mark(c)} ({c['detail']})")
+        m = r.get("slo_misses")
+        if m:
+            worst = ", ".join(f"min {w['minute']} {w['attainment']:.0%}" for w in m["worst_minutes"])
+            out.append(f"- slo misses: {m['ttft']} TTFT, {m['tpot']} TPOT, {m['unfinished']} unfinished "
+                       f"({m['shed']} shed at the gate); {m['minutes_below_target']} minutes below target"
+                       + (f"; worst: {worst}" if worst else ""))
         if r.get("errors"):
             for k, e in r["errors"].items():
                 out.append(f"- error in {k}: {e}")

@@ -51,6 +51,10 @@ class Result:
     shed: int = 0  # requests the decode admission gate answered 503
     aborted: bool = False  # early stop: more misses than the budget; attainment is an upper bound
     knob: float | None = None  # the swept setting of a baseline (threshold / throughput utilisation)
+    # why requests missed: TTFT over the objective, TPOT over it (TTFT met), never finished
+    missed_ttft: int = 0
+    missed_tpot: int = 0
+    unfinished: int = 0
 
     @property
     def reversals_unjustified(self) -> int:
@@ -59,7 +63,8 @@ class Result:
 
     def summary(self) -> dict[str, Any]:
         keys = ("requests", "slo_attainment", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p90_ms",
-                "gpu_hours", "flips", "scale_events", "goodput_rps", "shed", "aborted", "knob")
+                "gpu_hours", "flips", "scale_events", "goodput_rps", "shed", "aborted", "knob", "missed_ttft",
+                "missed_tpot", "unfinished")
         d = {k: getattr(self, k) for k in keys}
         d["flip_reversals"] = len(self.reversals)
         d["flip_reversals_unjustified"] = self.reversals_unjustified
@@ -186,6 +191,9 @@ def score(name: str, fleet: Fleet, ctx: SimContext, end: float, tl: Timeline, wa
         reversals=reversals,
         shed=fleet.shed,
         aborted=fleet.exhausted,
+        missed_ttft=int(np.sum(done & (ttft > obj.ttft_s))),
+        missed_tpot=int(np.sum(done & (ttft <= obj.ttft_s) & (tpot_ms > obj.tpot_ms))),
+        unfinished=int(np.sum(~done)),
     )
 
 
