@@ -1246,21 +1246,21 @@ class TapServer:
     port: int
 
     async def close(self) -> None:
-        self.server.close()
-        await self.runner.shutdown()
+        self.server.close()  # stop accepting; cleanup closes idle connections, waits for the rest
         await self.runner.cleanup()
 
 
-async def start_server(tap: Tap, host: str, port: int) -> TapServer:
+async def start_server(tap: Tap, host: str, port: int, shutdown_grace_s: float = 10.0) -> TapServer:
     """Serve `tap` on host:port with the connection cap and the header timeout.
 
     The header timeout is the connection wrapper's (see _CountedProtocol); idle
-    keep-alive connections are closed by aiohttp after 75 s, like nginx's default.
+    keep-alive connections are closed by aiohttp after 75 s, like nginx's default. On
+    close, requests in flight get `shutdown_grace_s` to finish; then they are cut.
     """
     # lingering_time: after refusing a body (413) keep reading and discarding it for 2 s at most,
     # so the client can read the answer instead of a reset; then close
     runner = web.AppRunner(tap.app(), access_log=None, keepalive_timeout=KEEPALIVE_S,
-                           handle_signals=False, lingering_time=2.0)
+                           handle_signals=False, lingering_time=2.0, shutdown_timeout=shutdown_grace_s)
     await runner.setup()
     assert runner.server is not None
     loop = asyncio.get_running_loop()
@@ -1269,8 +1269,8 @@ async def start_server(tap: Tap, host: str, port: int) -> TapServer:
     return TapServer(runner, srv, srv.sockets[0].getsockname()[1])
 
 
-async def _serve(tap: Tap, host: str, port: int) -> None:
-    ts = await start_server(tap, host, port)
+async def _serve(tap: Tap, host: str, port: int, shutdown_grace_s: float) -> None:
+    ts = await start_server(tap, host, port, shutdown_grace_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1321,6 +1321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-interval-ms", type=float, default=50.0, help="publish pending events at least this often")
     p.add_argument("--max-pending", type=int, default=65536, help="events buffered at most; beyond that new ones drop")
     p.add_argument("--timeout-s", type=float, default=None, help="total upstream timeout per request (default: none)")
+    p.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                   help="on SIGTERM/SIGINT, requests in flight get this long to finish")
     p.add_argument("--wire-version", type=int, choices=(1, 2), default=2,
                    help="2: arrival + completion events (default); 1: completions only, for older controllers")
     g = p.add_argument_group("limits")
@@ -1391,7 +1393,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tap = Tap(args.router, pub, timeout_s=args.timeout_s, limits=limits)
     try:
-        asyncio.run(_serve(tap, host, port))
+        asyncio.run(_serve(tap, host, port, args.shutdown_grace_s))
     except OSError as e:
         print(f"pd-router-tap: error: --listen={host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 2
