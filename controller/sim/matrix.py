@@ -405,6 +405,24 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
     return "\n".join(out) + "\n"
 
 
+def render_compact(rows: list[dict[str, Any]]) -> str:
+    """The README table: one row per scenario, attainment and GPU-hours (elastic) or goodput (fixed)."""
+    out = ["| scenario | slo | static-best | best baseline (knob) | oracle | targets missed |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        fixed = r["mode"] == "fixed"
+
+        def cell(x: dict[str, Any] | None, fixed: bool = fixed) -> str:
+            if x is None:
+                return "-"
+            return f"{x['slo_attainment'] * 100:.1f}% / " + (f"{x['goodput_rps']:.1f} rps" if fixed else f"{x['gpu_hours']:.0f} GPU-h")
+
+        fails = [k for k, c in r["checks"].items() if c["pass"] is False]
+        name = r["scenario"] + (f" (fixed {r['gpus']} GPUs)" if fixed else "")
+        out.append(f"| {name} | {cell(r['slo'])} | {cell(r['static_best'])} | {cell(r['best_baseline_result'])} "
+                   f"({r['best_baseline']}) | {cell(r['oracle'])} | {', '.join(fails) or 'none'} |")
+    return "\n".join(out) + "\n"
+
+
 def write_report(outdir: Path, scenarios: dict[str, Scenario], results: list[dict[str, Any]], meta: dict[str, Any],
                  plots: bool = True) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     outdir.mkdir(parents=True, exist_ok=True)
@@ -422,6 +440,7 @@ def write_report(outdir: Path, scenarios: dict[str, Scenario], results: list[dic
     (outdir / "report.json").write_text(json.dumps({"meta": meta, "summary": summary, "rows": rows, "jobs": slim},
                                                    indent=1, default=float))
     (outdir / "report.md").write_text(render_markdown(rows, summary, meta))
+    (outdir / "readme_table.md").write_text(render_compact(rows))
     if plots:
         from controller.sim.plot import plot_scenario
 

@@ -67,6 +67,8 @@ oracle_window_s: 120
     assert f["static_best_fleet"][0] + f["static_best_fleet"][1] == 6
     md = (out / "report.md").read_text()
     assert "| tiny-elastic | elastic |" in md and "| tiny-fixed | fixed 48 GPUs |" in md
+    compact = (out / "readme_table.md").read_text().splitlines()
+    assert len(compact) == 2 + 2 and compact[2].startswith("| tiny-elastic |")
     for name in rows:
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     # the selection options: one scenario, two policies
