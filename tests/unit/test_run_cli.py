@@ -33,14 +33,14 @@ def _args(*argv: str):
 
 def test_repeated_telemetry_flags_accumulate():
     cfg = effective_config(_args("--profile", "llama2-70b-h100-tp8", "--telemetry", "tcp://127.0.0.1:5557",
-                                 "--telemetry", "tcp://127.0.0.1:5558", "tcp://10.0.0.2:5557",
+                                 "--telemetry", "tcp://127.0.0.1:5558", "tcp://127.0.0.1:5559",
                                  "--telemetry", "tcp://127.0.0.1:5557"))
-    assert cfg.telemetry.zmq_endpoints == ["tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "tcp://10.0.0.2:5557"]
+    assert cfg.telemetry.zmq_endpoints == ["tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558", "tcp://127.0.0.1:5559"]
 
 
 def test_telemetry_flags_replace_the_configs_endpoints():
-    cfg = effective_config(_args("--config", str(EXAMPLE), "--telemetry", "tcp://10.0.0.9:6000"))
-    assert cfg.telemetry.zmq_endpoints == ["tcp://10.0.0.9:6000"]
+    cfg = effective_config(_args("--config", str(EXAMPLE), "--telemetry", "tcp://127.0.0.1:6000"))
+    assert cfg.telemetry.zmq_endpoints == ["tcp://127.0.0.1:6000"]
     assert cfg.telemetry.router_url == "http://127.0.0.1:30000"  # the rest of the config stays
 
 
