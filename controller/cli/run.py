@@ -150,6 +150,11 @@ def run(args: argparse.Namespace) -> int:
     actuator = build_actuator(act, registry)
     sidecar = Sidecar(cfg, registry=registry, advisory=bool(args.advisory), actuator=actuator, listen=args.listen)
 
+    host = sidecar.listen[0]
+    if host not in ("127.0.0.1", "localhost", "::1") and not cfg.api.plan_requires_token:
+        # read-only endpoints and what-if plans are open to whoever reaches this address (docs/security.md)
+        log.warning("api_open_beyond_loopback", host=host, hint="set api.plan_requires_token: true and a token")
+
     async def main() -> int:
         log.info(
             "starting", mode=sidecar.loop.mode, zmq=cfg.telemetry.zmq_endpoints, router=cfg.telemetry.router_url,
