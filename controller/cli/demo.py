@@ -295,7 +295,7 @@ class RecordingActuator:
 
 
 def start_tap(router_url: str, work: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    from controller.emulator.fleet import free_port
+    from harness.fleet import free_port
 
     port, zport = free_port(), free_port()
     pub = f"tcp://127.0.0.1:{zport}"
@@ -465,10 +465,10 @@ async def demo(args: argparse.Namespace, work: Path, out: TextIO) -> dict[str, A
     from prometheus_client import CollectorRegistry
 
     from controller.actuators import build_actuator
-    from controller.agent.localfleet import AgentFleet, terminate
     from controller.config import config_from_dict
     from controller.profiles import resolve_profile_path
     from controller.runtime.sidecar import Sidecar
+    from harness.agentfleet import AgentFleet, terminate
 
     s = args.time_scale
     half = args.duration_s / 2

@@ -10,7 +10,7 @@ import pytest
 from openai import AsyncOpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.emulator.fleet import EmulatedFleet
+from harness.fleet import EmulatedFleet
 
 pytestmark = [pytest.mark.e2e, pytest.mark.router_compat]
 

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from controller.cli.main import main
-from controller.emulator.fleet import EmulatedFleet, free_port
 from controller.profiles import load_profile
+from harness.fleet import EmulatedFleet, free_port
 
 pytestmark = pytest.mark.e2e
 

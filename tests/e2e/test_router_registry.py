@@ -20,7 +20,7 @@ from controller.actuators.http import Http
 from controller.actuators.metrics import ActuatorMetrics
 from controller.actuators.retry import Retrier
 from controller.actuators.router import RouterClient
-from controller.emulator.fleet import EmulatedFleet
+from harness.fleet import EmulatedFleet
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
 
-from controller.emulator.fleet import EmulatedFleet, free_port
+from harness.fleet import EmulatedFleet, free_port
 from router_plugin.wire import RequestEvent, encode_frame
 from tests.conftest import PROFILES
 from tests.e2e._tap_procs import TapProc, get_json, stop, wait_http

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 
 from controller.core.control.estimators import EventWindow, estimate
-from controller.emulator.fleet import EmulatedFleet
 from controller.telemetry.hub import TelemetryHub
 from controller.telemetry.scrape import PrometheusScraper
 from controller.telemetry.zmq_source import ZmqSource
+from harness.fleet import EmulatedFleet
 from tests.e2e._tap_procs import TapProc
 
 pytestmark = pytest.mark.e2e
