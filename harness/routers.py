@@ -64,7 +64,10 @@ def resolve(spec: str | None = None) -> RouterKind:
             raise RouterSpecError(f"router={raw!r}: the Python package {pkg!r} is not installed "
                                   f"(pip install {pkg}, or pip install -e '.[demo]')")
         return RouterKind(raw, (sys.executable, *args), "smg" if raw == "smg" else "legacy")
-    argv = tuple(shlex.split(raw))
+    try:
+        argv = tuple(shlex.split(raw))
+    except ValueError as e:
+        raise RouterSpecError(f"router={raw!r}: not a command line ({e})") from None
     if not argv:
         raise RouterSpecError(f"router={raw!r}: expected 'smg', 'sglang-router' or a command line")
     return RouterKind("custom", argv, "unknown")
