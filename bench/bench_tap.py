@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 
-from controller.emulator.fleet import EmulatedFleet
+from harness.fleet import EmulatedFleet
 from tests.e2e._tap_procs import TapProc
 
 USAGE = False  # --client-usage: the client asks for usage itself, so the tap has nothing to inject or strip

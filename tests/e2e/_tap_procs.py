@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from controller.emulator.fleet import free_port
+from harness.fleet import free_port
 
 
 def wait_http(url: str, timeout_s: float = 30.0, proc: subprocess.Popen[bytes] | None = None, ok=(200,)) -> None:

@@ -29,7 +29,7 @@ import openai
 import pytest
 import zmq
 
-from controller.emulator.fleet import EmulatedFleet
+from harness.fleet import EmulatedFleet
 from router_plugin.wire import (
     ARRIVAL,
     ENDPOINTS,

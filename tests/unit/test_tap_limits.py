@@ -239,7 +239,7 @@ async def test_connections_over_the_cap_get_503_at_once(upstream):
 
 async def test_router_refusing_connections_is_retried_until_it_comes_up():
     """Issue 13: requests that never reached a restarting router failed. Now they wait for it."""
-    from controller.emulator.fleet import free_port
+    from harness.fleet import free_port
 
     port = free_port()
     tap, server, base = await _tap(f"http://127.0.0.1:{port}", connect_retry_s=10.0)
