@@ -1,0 +1,1 @@
+"""End-to-end tests: real processes (routers, workers, tap, agents) on loopback."""
