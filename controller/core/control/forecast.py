@@ -135,4 +135,7 @@ def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) 
     if len(st.rise_ratios) >= p.rise_min_samples and p.rise_quantile > 0:
         rise = float(np.quantile(np.asarray(st.rise_ratios), p.rise_quantile))
         top = max(top, level + max(rise, 0.0))
+    elif p.rise_prior_frac > 0:
+        # nothing learned yet: a prior rise, pro rata to the horizon (a cold start of 10 min: the full share)
+        top = max(top, level * (1.0 + p.rise_prior_frac * min(1.0, horizon_s / 600.0)))
     return Forecast(level, st.trend, seasonal, horizon_s, max(top, 0.0))

@@ -145,12 +145,13 @@ def model_target(
     svc = cap.prefill_service.for_model(q.model)
     if spec.params.prefill_pooled:
         n_p = pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups)
+        n_p = max(n_p, rate_rps * svc.mean_s / spec.params.max_prefill_utilization)
         k = max(1, math.ceil(n_p - 1e-9))
         group = svc.scaled(float(q.dp_groups)) if q.dp_groups > 1 else svc
         per_instance = pooled_max_rate_rps(k * q.dp_groups, group, obj.ttft_budget_s, obj.ttft_quantile) / k
     else:
-        n_p = rate_rps / cap.prefill_rate_rps
-        per_instance = cap.prefill_rate_rps
+        per_instance = min(cap.prefill_rate_rps, spec.params.max_prefill_utilization / svc.mean_s)
+        n_p = rate_rps / per_instance
     # decode may be sized for a higher (peak) rate than prefill: it has no queue to absorb bursts
     n_d = max(rate_rps, decode_rate_rps or 0.0) / decode_rate
     ip = max(1, math.ceil(n_p - 1e-9))

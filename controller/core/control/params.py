@@ -46,10 +46,19 @@ class ControlParams:
     rise_quantile: float = 0.9  # history-aware margin: quantile of (max over lead time - level); 0 = off
     rise_history: int = 120  # matured rise samples kept
     rise_min_samples: int = 10
+    # until rises over one lead time have been learned (they take a lead time each to mature), assume the
+    # load may rise by this share within a lead time of 10 minutes (pro rata, up to 1x): a prior, not a fit
+    rise_prior_frac: float = 0.15
     # model
     # least-load routing pools the prefill instances into one M/G/c queue (core/pooled.py);
     # False: N separate M/G/1 queues (round-robin routing, the source method's per-instance view)
     prefill_pooled: bool = True
+    # no prefill instance planned above this busy share, whatever the queueing model allows: arrivals
+    # burstier than Poisson (inter-arrival CV > 1 in production traces) queue far more near saturation
+    max_prefill_utilization: float = 0.85
+    # the decode need read from the observed running batch must hold this long (a drained prefill
+    # backlog floods decode for a moment; a cold start to serve that moment arrives after it)
+    observed_need_hold_s: float = 30.0
     decode_margin_z: float = 1.0  # size decode so B + z*sqrt(B) <= B* (Poisson batch fluctuation)
     burst_bin_s: float = 10.0  # decode covers the burst_quantile of the arrival rate over such bins
     burst_quantile: float = 0.9  # 0 = size decode for the mean rate only
@@ -94,6 +103,10 @@ class ControlParams:
             raise ModelInputError("feedback_gain", self.feedback_gain,
                                   f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
                                   f"feedback_max >= 1 (got {self.feedback_max})")
+        if not (0 < self.max_prefill_utilization <= 1):
+            raise ModelInputError("max_prefill_utilization", self.max_prefill_utilization, "must be in (0, 1]")
+        if not (self.observed_need_hold_s >= 0 and math.isfinite(self.observed_need_hold_s)):
+            raise ModelInputError("observed_need_hold_s", self.observed_need_hold_s, "must be >= 0 seconds")
         if not (self.regrow_hold_factor >= 0 and math.isfinite(self.regrow_hold_factor)):
             raise ModelInputError("regrow_hold_factor", self.regrow_hold_factor, "must be a non-negative number")
         c_lo, c_hi = self.calibration_bounds

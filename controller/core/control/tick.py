@@ -73,6 +73,8 @@ class ControllerState:
     history: FleetHistory = field(default_factory=FleetHistory)
     feedback: FeedbackState = field(default_factory=FeedbackState)
     rates: RateHist = ()  # observed load, held for safe scale-down
+    observed_needs: tuple[tuple[float, float], ...] = ()  # (time, decode need from the running batch)
+    busy: tuple[tuple[float, float], ...] = ()  # (time, busy instances = busy share x serving prefill)
     last_estimates: Estimates | None = None
     shape: Shape | None = None  # workload shape the capacity was last computed for (sticky)
     ticks: int = 0
@@ -127,7 +129,7 @@ def _thin(est: Estimates, cfg: ControlSpec) -> str | None:
 
 def _calibrate(
     st: CalibrationState, win: EventWindow, est: Estimates, obs: Observations, cfg: ControlSpec,
-    samples: tuple[float, ...], now: float, stable: bool,
+    samples: tuple[float, ...], now: float, stable: bool, busy_instances: float | None,
 ) -> CalibrationState:
     p = cfg.params
     fleet = obs.fleet
@@ -138,11 +140,13 @@ def _calibrate(
         svc = cfg.hardware.queueing.group_service(raw)
         per_q = est.arrival_rate_rps / fleet.serving_prefill / cfg.hardware.queueing.dp_groups
         observed = float(np.mean(w.ttft_s)) - cfg.objectives.overhead_s
-        busy = obs.stats.prefill_busy_fraction
-        if busy is not None:
-            # the measured busy time fits the service scale; the mean model only reports its error
+        if busy_instances is not None:
+            # the measured busy time fits the service scale; the mean model only reports its error.
+            # Busy time and arrivals are both averaged over the window: on on/off traffic a tick's busy
+            # share against a window's rate would read a burst as a slow service.
             st = update_prefill(st, per_q, svc, observed, replace(p, calibrate=False)) if per_q > 0 and observed > 0 else st
-            st = update_prefill_busy(st, est.arrival_rate_rps, fleet.serving_prefill, busy, raw, p)
+            share = busy_instances / fleet.serving_prefill
+            st = update_prefill_busy(st, est.arrival_rate_rps, fleet.serving_prefill, share, raw, p)
         elif per_q > 0 and observed > 0:
             # no busy gauge: fit the mean sojourn of N separate queues. With N > 1 and pooled
             # routing that fit is biased toward a faster service, so it may only slow the profile down.
@@ -203,7 +207,14 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     # calibrate once the serving counts have held for half a window (pending cold starts do not
     # serve, so they do not freeze it: an error found during an outage is corrected during it)
     stable = now - history.last_change_s >= p.window_s / 2
-    calib = _calibrate(state.calibration, window, est, obs, cfg, samples, now, stable) if thin is None else state.calibration
+    busy_hist = state.busy
+    if obs.stats.prefill_busy_fraction is not None:
+        busy_hist = (*tuple(b for b in busy_hist if b[0] > now - p.window_s),
+                     (now, obs.stats.prefill_busy_fraction * fleet.serving_prefill))
+    busy_mean = float(np.mean([b for _, b in busy_hist])) if busy_hist and obs.stats.prefill_busy_fraction is not None \
+        and now - busy_hist[0][0] >= p.window_s / 2 else None
+    calib = _calibrate(state.calibration, window, est, obs, cfg, samples, now, stable, busy_mean) \
+        if thin is None else state.calibration
     w = window.since(now - p.window_s)
     burn = measure_burn(w.ttft_s, w.tpot_s, cfg.objectives, p)
     gate = getattr(obs.stats, "decode_gate_waiting", None)
@@ -222,7 +233,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     new_state = replace(
         state, last_tick_s=now, window=window, in_flight=hist, forecaster=fc_state, calibration=calib,
         last_estimates=est if thin is None else state.last_estimates, ticks=state.ticks + 1,
-        history=history, feedback=feedback, rates=rates, arrivals=arrivals,
+        history=history, feedback=feedback, rates=rates, arrivals=arrivals, busy=busy_hist,
     )
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
 
@@ -251,9 +262,12 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         state.shape, workload_shape(est.input_len_mean, est.output_len_mean, est.cache_hit_rate, samples))
     new_state = replace(new_state, shape=shape)
     try:
-        # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst
-        target = model_target(cfg, fc.max_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
-                              calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps))
+        # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst. Prefill's
+        # queue absorbs a burst shorter than its TTFT budget only: one lasting a burst bin or longer
+        # (bins >= the budget) must be served at its own rate
+        peak_p = est.peak_rate_rps if p.burst_bin_s >= cfg.objectives.ttft_budget_s else 0.0
+        target = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
+                              calib.prefill_scale, calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps))
         if fleet.serving_prefill > 0 and fleet.serving_decode > 0 and est.arrival_rate_rps > 0:
             # the model's tail at the fleet as it serves now and the load as observed: beside the observed tail
             predicted_q = model_target(
@@ -262,12 +276,13 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     except (InfeasibleError, ModelInputError) as e:
         decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
         return result([], new_state, None, cur_p, cur_d)
-    target = _observed_decode_need(target, obs)
+    target, needs = _observed_decode_need(target, obs, state.observed_needs, now, p.observed_need_hold_s)
+    new_state = replace(new_state, observed_needs=needs)
     target = _with_headroom(target, feedback, decisions)
     if thin is not None:
         decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin))
 
-    held_p = max(held_rate(rates, now, p.regrow_hold_s, use_peak=False), 1e-9)
+    held_p = max(held_rate(rates, now, p.regrow_hold_s, use_peak=peak_p > 0), 1e-9)
     held_d = max(held_rate(rates, now, p.regrow_hold_s, use_peak=True), 1e-9)
     held = model_target(cfg, held_p, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
                         calib.tpot_scale, decode_rate_rps=held_d)
@@ -305,23 +320,31 @@ def _prefill_util_target(cfg: ControlSpec, target: ModelTarget, samples: tuple[f
     return min(1.0, target.prefill_rate_per_instance_rps * svc.mean_s * scale)
 
 
-def _observed_decode_need(target: ModelTarget, obs: Observations) -> ModelTarget:
+def _observed_decode_need(
+    target: ModelTarget, obs: Observations, hist: tuple[tuple[float, float], ...], now: float, hold_s: float,
+) -> tuple[ModelTarget, tuple[tuple[float, float], ...]]:
     """Decode instances the *observed* running batch calls for (Little's law, measured).
 
     The length estimates come from completed requests, which lag a shift to
     longer outputs by one request lifetime (short requests complete first);
-    the decode pool's running batch does not lag. Need = (running + queued) /
-    target batch; the plan takes the larger of this and the model's need.
+    the decode pool's running batch does not lag. Need = (running + queued,
+    here and at the router's decode gate) / target batch, held for `hold_s`
+    (the minimum over that window: a prefill backlog drained at once floods
+    decode for a moment, which an instance still cold-starting cannot serve);
+    the plan takes the larger of this and the model's need.
     """
     s = obs.stats
     b = target.decode_batch_target
     if s.decode_running_mean is None or b is None or b <= 0 or obs.fleet.serving_decode <= 0:
-        return target
-    running = s.decode_running_mean * obs.fleet.serving_decode + (s.decode_queued or 0)
-    need = running / b
+        return target, hist
+    gate = getattr(s, "decode_gate_waiting", None) or 0
+    running = s.decode_running_mean * obs.fleet.serving_decode + (s.decode_queued or 0) + gate
+    hist = (*tuple(h for h in hist if h[0] > now - hold_s), (now, running / b))
+    need = min(n for _, n in hist)
     if need <= target.n_decode_exact:
-        return replace(target, decode_observed_need=need)
-    return replace(target, n_decode_exact=need, n_decode=max(1, math.ceil(need - 1e-9)), decode_observed_need=need)
+        return replace(target, decode_observed_need=need), hist
+    return replace(target, n_decode_exact=need, n_decode=max(1, math.ceil(need - 1e-9)),
+                   decode_observed_need=need), hist
 
 
 def _pool_stages(
@@ -401,10 +424,11 @@ def _tick_elastic(
         (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode),
         (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill),
     ):
-        # a flip takes a serving instance, and leaves the other pool at or above its need
-        surplus = min(other_cur - other_need, other_serving - 1)
-        if short > 0 and surplus > 0 and breaching(ctx.burn, role is not Role.PREFILL):
-            surplus = 0  # the giving pool misses its own objective: it has nothing to spare
+        # a flip takes a serving instance, and leaves the other pool at or above its need; the giving
+        # pool shrinks, so it passes the same safety stage as a scale-down (peak hold, observed load)
+        donor = Role.DECODE if role is Role.PREFILL else Role.PREFILL
+        keep = _safe_down(donor, other_cur, other_need, target, ctx, st.feedback, decisions) if short > 0 else other_cur
+        surplus = min(other_cur - keep, other_serving - 1)
         if short > 0 and surplus > 0 and flip_faster and not thin:
             n = min(short, surplus)
             if _reversal_blocked(role, ctx, now, cfg):
