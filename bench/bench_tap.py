@@ -86,7 +86,7 @@ def run_one(router: str, a: argparse.Namespace) -> dict[str, float]:
     d = Path(tempfile.mkdtemp(prefix="bench-tap-"))
     with EmulatedFleet("llama2-70b-h100-tp8", 1, a.decode, time_scale=a.time_scale, log_dir=d / "fleet",
                        model="m", router=router) as fleet:
-        tap = TapProc(fleet.router_url, d)
+        tap = TapProc(fleet.router_url, d, extra_args=("--loop", a.tap_loop))
         try:
             c0 = cpu_s(tap.proc.pid)
             res = asyncio.run(drive(fleet.router_url, tap.url, a.rate, a.duration, a.tokens))
@@ -122,12 +122,14 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=1)
     ap.add_argument("--router", action="append", default=None,
                     help="router(s) to measure behind (repeatable): smg, sglang-router (default: both)")
+    ap.add_argument("--tap-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="the tap's event loop (auto = uvloop when installed)")
     ap.add_argument("--client-usage", action="store_true", help="clients ask for usage (no injection by the tap)")
     a = ap.parse_args()
     global USAGE
     USAGE = a.client_usage
     results = {r: run_one(r, a) for r in (a.router or ["smg", "sglang-router"])}
-    print(f"\nadded TTFT at {a.rate:g} req/s (tap minus straight to the router):")
+    print(f"\nadded TTFT at {a.rate:g} req/s (tap minus straight to the router; tap loop: {a.tap_loop}):")
     print(f"  {'router':14s} {'p50 ms':>8s} {'p99 ms':>8s} {'failed':>7s} {'tap CPU ms/req':>15s}")
     for r, x in results.items():
         print(f"  {r:14s} {x['p50']:+8.2f} {x['p99']:+8.2f} {x['failed']:7.0f} {x['cpu_ms']:15.2f}")

@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import zmq
@@ -720,8 +720,9 @@ class _BusyProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not an isinstance check
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         if self.gate.refusing > self.gate.limit:  # a flood of refusals: do not even answer
             transport.abort()
             return
@@ -1321,6 +1322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-interval-ms", type=float, default=50.0, help="publish pending events at least this often")
     p.add_argument("--max-pending", type=int, default=65536, help="events buffered at most; beyond that new ones drop")
     p.add_argument("--timeout-s", type=float, default=None, help="total upstream timeout per request (default: none)")
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="event loop: uvloop when installed (auto, the default), or the standard one")
     p.add_argument("--shutdown-grace-s", type=float, default=10.0,
                    help="on SIGTERM/SIGINT, requests in flight get this long to finish")
     p.add_argument("--wire-version", type=int, choices=(1, 2), default=2,
@@ -1392,8 +1395,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pd-router-tap: error: --publish={args.publish!r}: {e}", file=sys.stderr)
         return 2
     tap = Tap(args.router, pub, timeout_s=args.timeout_s, limits=limits)
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if args.loop in ("auto", "uvloop"):
+        try:
+            import uvloop  # optional: the same proxy, a faster event loop (less added latency per chunk)
+
+            loop_factory = uvloop.new_event_loop
+        except ImportError:
+            if args.loop == "uvloop":
+                print("pd-router-tap: error: --loop uvloop: uvloop is not installed (pip install uvloop)",
+                      file=sys.stderr)
+                return 2
+    log.info("pd-router-tap event loop: %s", "uvloop" if loop_factory else "asyncio")
     try:
-        asyncio.run(_serve(tap, host, port, args.shutdown_grace_s))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_serve(tap, host, port, args.shutdown_grace_s))
     except OSError as e:
         print(f"pd-router-tap: error: --listen={host}:{port}: {e.strerror or e}", file=sys.stderr)
         return 2

@@ -69,3 +69,26 @@ async def test_burst_of_large_bodies_keeps_tap_memory_flat(tmp_path):
     finally:
         await asyncio.to_thread(tap.stop)
         await runner.cleanup()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+async def test_connection_cap_and_header_timeout_in_the_tap_process(tmp_path, loop):
+    """The same bounds as the unit tests, in the real process, on each event loop it can run."""
+    if loop == "uvloop":
+        pytest.importorskip("uvloop")
+    tap = await asyncio.to_thread(TapProc, "http://127.0.0.1:9", tmp_path,
+                                  extra_args=("--header-timeout-s", "0.5", "--max-connections", "2", "--loop", loop))
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", tap.port)
+        w.write(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        await w.drain()
+        assert await asyncio.wait_for(r.read(), 10) == b""  # cut off: headers never completed
+        w.close()
+        held = [await asyncio.open_connection("127.0.0.1", tap.port) for _ in range(2)]
+        r, w = await asyncio.open_connection("127.0.0.1", tap.port)
+        got = await asyncio.wait_for(r.read(200), 10)
+        assert got.startswith(b"HTTP/1.1 503") and b"too many connections" in got, got
+        for _r, hw in (*held, (r, w)):
+            hw.close()
+    finally:
+        await asyncio.to_thread(tap.stop)
