@@ -1,7 +1,8 @@
 """`python -m controller.agent.compose_keys DIR`: the key pairs a docker-compose stack needs, once.
 
-Writes DIR/agent.key{,_secret} (the agents' pair), DIR/controller.key{,_secret} (the controller's pair)
-and DIR/authorized/controller.key (the agents trust the controller), unless they already exist.
+Writes DIR/agent.key{,_secret} (the agents' pair), DIR/controller.key{,_secret} (the controller's pair),
+DIR/tap.key{,_secret} (the tap's pair, for its CURVE PUB socket) and DIR/authorized/controller.key (the
+agents and the tap trust the controller), unless they already exist.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from controller.agent.keys import generate
 
 
 def ensure_keys(d: Path) -> None:
-    for name in ("agent", "controller"):
+    for name in ("agent", "controller", "tap"):
         if not (d / f"{name}.key_secret").exists():
             generate(d, name)
     (d / "authorized").mkdir(parents=True, exist_ok=True)
