@@ -32,7 +32,7 @@ from controller.sim.fleet import SimConfig
 from controller.sim.policies import SimContext, ThresholdPolicy, ThroughputPolicy, make_policy
 from controller.sim.references import best_split, cheapest_static, oracle
 from controller.sim.runner import Result, simulate
-from controller.sim.scenarios import Scenario, build, load_scenario
+from controller.sim.scenarios import REPO, Scenario, build, load_scenario
 
 THRESHOLD_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.9)  # HPA target utilisation
 THROUGHPUT_KNOBS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # Dynamo-planner utilisation of per-instance throughput
@@ -405,6 +405,14 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
     return "\n".join(out) + "\n"
 
 
+def _rel(path: str) -> str:
+    """A scenario path relative to the repository when it is inside it (the JSON then travels)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def render_compact(rows: list[dict[str, Any]]) -> str:
     """The README table: one row per scenario, attainment and GPU-hours (elastic) or goodput (fixed)."""
     out = ["| scenario | slo | static-best | best baseline (knob) | oracle | targets missed |", "|---|---|---|---|---|---|"]
@@ -434,6 +442,7 @@ def write_report(outdir: Path, scenarios: dict[str, Scenario], results: list[dic
     slim = []
     for r in results:  # keep the JSON moderate: the timelines only for the plotted policies
         r2 = dict(r)
+        r2["scenario"] = _rel(str(r["scenario"]))
         if "result" in r2 and r2["kind"] in ("threshold", "throughput", "static", "static-peak"):
             r2["result"] = {k: v for k, v in r2["result"].items() if k not in ("timeline", "minute_attainment")}
         slim.append(r2)
