@@ -257,6 +257,11 @@ def truncate_inputs(tr: Trace, cap: int) -> Trace:
     return Trace(tr.name, tr.arrival_s, inp, tr.output_tokens, cached, hashes)
 
 
+def _bound(sc: Scenario, k: int, n: float) -> None:
+    if n > MAX_REQUESTS:
+        raise ScenarioError(f"{sc.name}: traffic.{k}: {n:.3g} requests: above the matrix bound of {MAX_REQUESTS}")
+
+
 def build_trace(sc: Scenario, base: Path = REPO) -> Trace:
     rng = np.random.default_rng(sc.seed)
     parts: list[Trace] = []
@@ -272,8 +277,11 @@ def build_trace(sc: Scenario, base: Path = REPO) -> Trace:
             if seg.time_scale != 1.0:
                 tr = tr.time_scaled(seg.time_scale)
             if seg.rate_scale != 1.0:
+                _bound(sc, k, len(tr) * seg.rate_scale)  # before building the copies, not after
                 tr = tr.rate_scaled(seg.rate_scale, seed=sc.seed + k)
         else:
+            mean = seg.rate_rps if seg.peak_rps is None else (seg.rate_rps + seg.peak_rps) / 2.0
+            _bound(sc, k, mean * seg.duration_s)
             tr = generate(seg, _load(_resolve(seg.lengths_from, base), seg.format), rng)
         parts.append(tr)
     tr = splice(parts)

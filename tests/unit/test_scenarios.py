@@ -151,3 +151,60 @@ def test_ramp_generator_rises_then_falls():
     # triangle: mean rate (2 + 20) / 2
     assert len(tr) / 3600 == pytest.approx(11.0, rel=0.05)
     assert per10[2] == pytest.approx(17.0, rel=0.15)  # the mean of the rate over minutes 20-30
+
+
+_BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+    f"{c}: &{c} [{', '.join(['*' + p] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]) + "\n"
+_BAD_FILES = {
+    "alias_bomb": _BOMB,
+    "deep": "[" * 20_000 + "]" * 20_000 + "\n",
+    "python_tag": "a: !!python/object/apply:os.system [echo pwned]\n",
+    "top_scalar": "just a string\n",
+    "binary": "\x00\x01\x02 not yaml",
+    "traffic_not_list": "name: x\ntraffic: 3\nprofile: p\nobjectives: {ttft_s: 1, tpot_ms: 50}\n",
+    "huge_rate": BASE.replace("end_s: 600", "end_s: 600\n    rate_scale: 1e6"),
+}
+
+
+def _run_with_deadline(argv, deadline_s=60.0):
+    import contextlib
+    import io
+    import threading
+
+    box: dict[str, object] = {}
+    err = io.StringIO()
+
+    def go() -> None:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            box["rc"] = main(argv)
+
+    th = threading.Thread(target=go, daemon=True)
+    th.start()
+    th.join(deadline_s)
+    assert not th.is_alive(), f"hung: {argv}"
+    return box.get("rc"), err.getvalue()
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_FILES))
+def test_malformed_scenario_files_are_one_line(tmp_path, case):
+    body = _BAD_FILES[case]
+    p = tmp_path / "x.yaml"
+    p.write_text(body if case != "huge_rate" else "name: x\n" + body)
+    rc, err = _run_with_deadline(["bench", "--scenario", str(p), "--policy", "static", "-j", "1", "--no-plots",
+                                  "--out", str(tmp_path / "o")])
+    if case == "huge_rate":
+        # validated, then refused when the traffic is built: the job reports it, the run goes on
+        assert rc == 0 and "above the matrix bound" in (tmp_path / "o" / "report.md").read_text()
+        return
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err and str(p) in err
+
+
+@pytest.mark.parametrize("target", ["dir", "devnull", "missing"])
+def test_unreadable_scenario_and_trace_paths_are_one_line(tmp_path, target):
+    path = {"dir": str(tmp_path), "devnull": "/dev/null", "missing": str(tmp_path / "nope.yaml")}[target]
+    rc, err = _run_with_deadline(["bench", "--scenario", path, "--list"])
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
+    rc, err = _run_with_deadline(["simulate", "--scenario", path])
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
+    rc, err = _run_with_deadline(["simulate", "--trace", path, "--policy", "static"])
+    assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
