@@ -208,3 +208,14 @@ def test_unreadable_scenario_and_trace_paths_are_one_line(tmp_path, target):
     assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
     rc, err = _run_with_deadline(["simulate", "--trace", path, "--policy", "static"])
     assert rc == 2 and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+def test_simulate_runs_a_scenario_file(tmp_path, capsys):
+    import json
+
+    p = _write(tmp_path, "s", "name: s\n" + BASE.replace("end_s: 600", "end_s: 300") + "mode: fixed\ngpus: 32\n")
+    assert main(["simulate", "--scenario", str(p), "--policy", "static", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mode"] == "fixed" and out["gpus"] == 32 and out["policies"]["static"]["requests"] > 100
+    assert main(["simulate", "--scenario", str(p), "--trace", str(CONV)]) == 2
+    assert "drop --trace" in capsys.readouterr().err
