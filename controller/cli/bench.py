@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.core.errors import ModelInputError
-from controller.sim.matrix import POLICY_NAMES, Bar, jobs_for, run_jobs, write_report
+from controller.sim.matrix import POLICY_NAMES, Bar, jobs_for, reusable, run_jobs, write_report
 from controller.sim.scenarios import SCENARIOS_DIR, find_scenarios, load_scenario
 
 
@@ -35,6 +36,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--out", default="bench-out", help="output directory (default bench-out)")
     p.add_argument("--no-plots", action="store_true", help="skip the per-scenario plots")
     p.add_argument("--list", action="store_true", help="list the selected scenarios and exit")
+    p.add_argument("--reuse", metavar="REPORT.json",
+                   help="take the results of the policies not selected by --policy from a previous report, for "
+                   "scenarios whose file content is unchanged (e.g. --policy slo --reuse docs/matrix/report.json "
+                   "reruns only the controller and keeps the references and baselines)")
 
 
 def _split(values: list[str] | None) -> list[str]:
@@ -76,17 +81,28 @@ def run(args: argparse.Namespace) -> int:
         for p, sc in scenarios.items():
             print(f"{sc.name:<40} {sc.mode.value:<8} {sc.profile:<22} {p}")
         return 0
+    reused: list[dict[str, Any]] = []
+    if args.reuse:
+        try:
+            prev = json.loads(Path(args.reuse).read_text())
+        except (OSError, ValueError) as e:
+            raise ModelInputError("reuse", args.reuse, f"cannot read a report: {e}") from None
+        if not isinstance(prev, dict):
+            raise ModelInputError("reuse", args.reuse, "not a bench report.json")
+        reused = reusable(prev, scenarios, set(POLICY_NAMES) - set(pols))
     jobs = jobs_for(paths, pols)
     bar = Bar(len(jobs))
     t0 = time.perf_counter()
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     results = run_jobs(jobs, workers, on_done=lambda r: bar.step(f"{r.get('name', '')} {r['label']}"))
     bar.close()
+    results += reused
     wall = time.perf_counter() - t0
-    cpu = sum(float(r.get("cpu_s", 0.0)) for r in results)
+    cpu = sum(float(r.get("cpu_s", 0.0)) for r in results if not r.get("reused"))
     rev, dirty = _source_state()
     meta = {"scenarios": len(scenarios), "jobs": len(jobs), "workers": workers, "wall_s": wall, "started": started,
             "cpu_s": cpu, "commit": rev, "core_uncommitted_changes": dirty,
+            "reused_from": args.reuse, "reused_jobs": len(reused),
             "command": "pd-controller bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1
             else "pd-controller bench", "policies": pols}
     out = Path(args.out)

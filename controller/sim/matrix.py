@@ -70,6 +70,27 @@ def jobs_for(paths: Iterable[Path], policies: Iterable[str]) -> list[Job]:
 _CACHE: dict[str, tuple[Scenario, SimContext, SimConfig]] = {}
 
 
+def scenario_hash(sc: Scenario) -> str:
+    """Identity of a scenario's content (a reused result must come from the same scenario)."""
+    import hashlib
+
+    return hashlib.sha256(sc.model_dump_json().encode()).hexdigest()[:16]
+
+
+def reusable(previous: dict[str, Any], scenarios: dict[str, Scenario], kinds: set[str]) -> list[dict[str, Any]]:
+    """Jobs of a previous report.json to reuse: of the given kinds, for scenarios whose content is unchanged.
+
+    The references and baselines do not depend on the control core, so a run that changes only the core
+    can rerun `slo` alone and keep the rest (`bench --policy slo --reuse docs/matrix/report.json`)."""
+    by_hash = {scenario_hash(sc): path for path, sc in scenarios.items()}
+    out = []
+    for j in previous.get("jobs", []):
+        path = by_hash.get(j.get("scenario_hash", ""))
+        if path is not None and j.get("kind") in kinds and not j.get("error"):
+            out.append({**j, "scenario": path, "reused": True})
+    return out
+
+
 def _scenario(path: str) -> tuple[Scenario, SimContext, SimConfig]:
     if path not in _CACHE:
         sc = load_scenario(path)
@@ -121,6 +142,7 @@ def run_job(job: Job) -> dict[str, Any]:
     try:
         sc, ctx, sim = _scenario(job.scenario)
         out["name"] = sc.name
+        out["scenario_hash"] = scenario_hash(sc)
         target = sc.objectives.attainment_target
         if job.kind == "static-best":
             if ctx.mode is Mode.FIXED:
@@ -350,7 +372,9 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
            f"{meta['scenarios']} scenarios, {meta['jobs']} jobs on {meta['workers']} worker processes, "
            f"{meta['wall_s']:.0f} s wall, {meta.get('cpu_s', 0):.0f} CPU-seconds in the jobs ({meta['started']}). "
            f"Command: `{meta['command']}`. Source: commit {meta.get('commit')}"
-           + (" with uncommitted changes under controller/" if meta.get("core_uncommitted_changes") else "") + ".", "",
+           + (" with uncommitted changes under controller/" if meta.get("core_uncommitted_changes") else "")
+           + (f"; {meta['reused_jobs']} job results reused from {meta['reused_from']}" if meta.get("reused_jobs") else "")
+           + ".", "",
            "Elastic rows: SLO attainment / GPU-hours. Fixed-budget rows: attainment / goodput (req/s). "
            "`static-best` and `oracle` are found by simulation (docs/simulate.md); the best baseline is the best of "
            "static, static-peak, threshold and throughput at their best swept knob. Flips: slo's flips / reversals "

@@ -78,6 +78,23 @@ oracle_window_s: 120
     rep2 = json.loads((out2 / "report.json").read_text())
     assert {j["label"] for j in rep2["jobs"]} == {"static", "static-best"}
     assert not (out2 / "plots").exists()
+    # iterate on the controller alone: slo is rerun, every other result comes from the first report
+    out3 = tmp_path / "out3"
+    assert main(["bench", "--scenario-dir", str(d), "--policy", "slo", "--reuse", str(out / "report.json"), "-j", "1",
+                 "--out", str(out3), "--no-plots"]) == 0
+    rep3 = json.loads((out3 / "report.json").read_text())
+    assert rep3["meta"]["jobs"] == 2 and rep3["meta"]["reused_jobs"] == njobs - 2
+    rows3 = {r["scenario"]: r for r in rep3["rows"]}
+    assert rows3["tiny-elastic"]["static_best"] == e["static_best"] and rows3["tiny-elastic"]["oracle"] == e["oracle"]
+    assert set(rows3["tiny-elastic"]["checks"]) == set(e["checks"])
+    # a changed scenario file is not matched: its references are not reused
+    (d / "tiny-fixed.yaml").write_text((d / "tiny-fixed.yaml").read_text().replace("gpus: 48", "gpus: 56"))
+    assert main(["bench", "--scenario-dir", str(d), "--policy", "slo", "--reuse", str(out / "report.json"), "-j", "1",
+                 "--out", str(out3), "--no-plots"]) == 0
+    rep4 = json.loads((out3 / "report.json").read_text())
+    assert rep4["meta"]["reused_jobs"] == (njobs - 2) // 2
+    assert main(["bench", "--scenario-dir", str(d), "--reuse", str(tmp_path / "nope.json"), "--list"]) == 0
+    assert main(["bench", "--scenario-dir", str(d), "--policy", "slo", "--reuse", str(tmp_path / "nope.json")]) == 2
 
 
 def test_frontier():
