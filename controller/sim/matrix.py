@@ -70,11 +70,24 @@ def jobs_for(paths: Iterable[Path], policies: Iterable[str]) -> list[Job]:
 _CACHE: dict[str, tuple[Scenario, SimContext, SimConfig]] = {}
 
 
-def scenario_hash(sc: Scenario) -> str:
-    """Identity of a scenario's content (a reused result must come from the same scenario)."""
+# what a reference or baseline result depends on besides the scenario: the simulator's own code
+_SIM_SOURCES = ("fleet.py", "runner.py", "policies.py", "references.py", "traces.py", "scenarios.py")
+
+
+def _sim_digest() -> bytes:
     import hashlib
 
-    return hashlib.sha256(sc.model_dump_json().encode()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for name in _SIM_SOURCES:
+        h.update((Path(__file__).parent / name).read_bytes())
+    return h.digest()
+
+
+def scenario_hash(sc: Scenario) -> str:
+    """Identity of a scenario's content and of the simulator code (a reused result must come from both)."""
+    import hashlib
+
+    return hashlib.sha256(sc.model_dump_json().encode() + _sim_digest()).hexdigest()[:16]
 
 
 def reusable(previous: dict[str, Any], scenarios: dict[str, Scenario], kinds: set[str]) -> list[dict[str, Any]]:
