@@ -334,17 +334,16 @@ class DrainedFlipper:
         await self._patient("remove", url, self.t.register_s, lambda: self.router.remove(url, self.t.register_s))
 
     async def register(self, url: str, role: Role, port: int | None) -> None:
-        """Listed healthy under `role`: a listing under the other role (a router restarted with its start-up
-        arguments lists workers in their start-up roles) is removed first."""
+        """Listed healthy under `role`, riding out a router outage. A listing under the other role (a router
+        restarted with its start-up arguments lists workers in their start-up roles) is moved: smg in one call
+        (PUT), 0.3.x remove + add (RouterClient.reregister)."""
         deadline = self.clock() + self.t.register_s
         while True:
-            listed = await self.find(url)
-            if listed is not None and listed.role == role and listed.healthy:
-                return
-            if listed is not None and listed.role != role:
-                await self.deregister(url)
             try:
-                await self.router.add(url, role, port, max(self.t.poll_s, deadline - self.clock()))
+                listed = await self.router.find(url)
+                if listed is not None and listed.role == role and listed.healthy and listed.state == "serving":
+                    return
+                await self.router.reregister(url, role, port, max(self.t.poll_s, deadline - self.clock()))
                 return
             except ActuationError as e:
                 if self.clock() >= deadline:
