@@ -90,6 +90,13 @@ def run(args: argparse.Namespace) -> int:
         if not isinstance(prev, dict):
             raise ModelInputError("reuse", args.reuse, "not a bench report.json")
         reused = reusable(prev, scenarios, set(POLICY_NAMES) - set(pols))
+        hit = {r["scenario"] for r in reused}
+        missing = [sc.name for p, sc in scenarios.items() if p not in hit]
+        if missing and set(POLICY_NAMES) - set(pols):
+            # a changed scenario file or simulator code: those rows will lack the references
+            print(f"reuse: no matching results in {args.reuse} for {len(missing)} scenario(s) "
+                  f"(scenario or simulator code changed): {', '.join(missing[:5])}"
+                  + (" ..." if len(missing) > 5 else ""), file=sys.stderr)
     jobs = jobs_for(paths, pols)
     bar = Bar(len(jobs))
     t0 = time.perf_counter()
