@@ -21,7 +21,7 @@ import pytest
 
 from bench.faults import Load, Stack, router_down_10s_during_flip, worker_killed_mid_flip
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.router_compat]
 
 
 def flip_outcomes(stack: Stack) -> list[tuple[str, str, str]]:
