@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+from collections.abc import Callable
 
 import structlog
 
@@ -64,7 +65,11 @@ class RouterActuator:
         self.reconciler = Reconciler(
             flipper, metrics, known=known, spares=lambda: self.spares, can_restart=agents is not None,
             interval_s=reconcile_interval_s or 3.0, clock=flipper.clock, sleep=flipper.sleep,
+            enabled=lambda: self.heal_when(),
         )
+        # whether the reconciler may repair (the runtime sets it to "the loop is acting": advisory and paused
+        # controllers touch nothing, they report)
+        self.heal_when: Callable[[], bool] = lambda: True
         self._reconcile_task: asyncio.Task[None] | None = None
 
     @property

@@ -33,6 +33,8 @@ it `state="failed"`), and still retried at the backoff cap — never dropped.
 
 Workers a flip or a scale action is moving are left alone (`DrainedFlipper.active`
 and `.busy`); a worker being repaired is refused to the flipper (`worker_repairing`).
+While the controller is advisory or paused (`enabled()` False) it only checks
+and reports what it would repair (`reconcile_advice`, result `advised`).
 """
 
 from __future__ import annotations
@@ -92,8 +94,10 @@ class Reconciler:
         down_after: int = 2,
         clock: Clock,
         sleep: Sleep = asyncio.sleep,
+        enabled: Callable[[], bool] = lambda: True,
     ) -> None:
         self.flipper = flipper
+        self.enabled = enabled  # False (advisory, paused): check and report what it would repair, touch nothing
         self.router = flipper.router
         self.switcher = flipper.switcher
         self.metrics = metrics
@@ -230,6 +234,12 @@ class Reconciler:
     async def _attempt(self, w: WorkerState, action: str, role: Role | None, rec: FlipRecord | None,
                        ) -> tuple[bool, str]:
         url = w.url
+        if not self.enabled() and action != "probe":
+            # advisory or paused: the operator asked for no change to the fleet; say what would be done
+            self.metrics.reconcile_attempts.labels(action, "advised").inc()
+            log.info("reconcile_advice", worker=url, action=action, role=role, would=f"{action} {role or ''}".strip())
+            w.next_at = self.clock() + w.backoff.failed()  # say it again later, not every pass
+            return False, f"would {action} {url}"
         self.flipper.busy.add(url)
         if w.state != "failed":  # a failed worker stays failed (out of capacity) until an attempt heals it
             self._set(w, "repairing", f"{action} {role or ''}".strip())

@@ -121,6 +121,8 @@ class Sidecar:
             sink=ActuatorSink(actuator) if actuator is not None else None, advisory=advisory,
             extra_log=self._log_fields, guard=lambda: None if self.fleet_known else "fleet_unknown",
         )
+        if hasattr(actuator, "heal_when"):  # the actuator's reconciler repairs only while the loop acts
+            actuator.heal_when = lambda: self.loop.acting
         self.listen = listen or (cfg.api.host, cfg.api.port)
         self.token = cfg.api.token or os.environ.get(cfg.api.token_env) or None
         self.supervisor = Supervisor()

@@ -308,3 +308,39 @@ async def test_controller_killed_during_a_switch_recovery_waits_for_it(fleet: Co
     assert [(r.outcome, r.detail) for r in act.recovered] == [("done", "finished after restart")]
     assert roles(fleet)["d1"] == "prefill" and report.consistent
     assert json.loads((tmp_path / "flips.json").read_text()) == {}
+
+
+async def test_advisory_or_paused_controller_reports_and_touches_nothing(fleet: ContractFleet, registry):
+    fleet.workers["d1"].role = "prefill"  # listed as decode: inconsistent
+    act = make(fleet, registry)
+    act.heal_when = lambda: False  # the sidecar sets this to "the loop is acting"
+    try:
+        report = await act.reconcile()
+        assert roles(fleet)["d1"] == "decode" and not report.consistent
+        assert report.actions == (f"would reregister {fleet.url('d1')}",)
+        assert attempts(registry, "reregister", "advised") == 1
+        act.heal_when = lambda: True
+        act.reconciler.workers[fleet.url("d1")].next_at = 0.0
+        assert (await act.reconcile()).consistent
+    finally:
+        await act.close()
+    assert roles(fleet)["d1"] == "prefill"
+
+
+@pytest.mark.parametrize("advisory", [True, False])
+async def test_sidecar_lets_the_reconciler_repair_only_while_acting(fleet: ContractFleet, registry, advisory):
+    from prometheus_client import CollectorRegistry
+
+    from controller.config import config_from_dict
+    from controller.runtime.sidecar import Sidecar
+
+    act = make(fleet, registry)
+    try:
+        sc = Sidecar(config_from_dict({}), registry=CollectorRegistry(), advisory=advisory, actuator=act,
+                     decide=lambda state, obs, now: None)
+        assert act.heal_when() is (not advisory)
+        if not advisory:
+            sc.loop.set_paused(True)
+            assert act.heal_when() is False
+    finally:
+        await act.close()
