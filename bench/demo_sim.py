@@ -54,7 +54,7 @@ def context(duration_s: float, time_scale: float, work: Path) -> tuple[SimContex
     spec = ControlSpec(obj, Hardware(prof, QueueModel.MG1), params)
     tr = demo_trace(duration_s, time_scale)
     ctx = SimContext(tr, spec, Mode.FIXED, spec.budget_instances())
-    sim = SimConfig(flip_time_s=params.flip_time_s, cold_start_s=params.cold_start_s)
+    sim = SimConfig(flip_time_s=params.flip_time_s, cold_start_s=params.cold_start_s, arrivals_max_tokens=True)
     return ctx, sim
 
 
@@ -66,7 +66,7 @@ def phase_rows(res: Any, half_s: float, obj: Objectives) -> dict[str, dict[str, 
     return out
 
 
-def run(duration_s: float, time_scale: float) -> dict[str, Any]:
+def run(duration_s: float, time_scale: float, initial: tuple[int, int] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ctx, sim = context(duration_s, time_scale, Path(tmp))
         half = duration_s / 2
@@ -76,6 +76,8 @@ def run(duration_s: float, time_scale: float) -> dict[str, Any]:
             out[f"{p}P{4 - p}D"] = {"phases": phase_rows(r, half, ctx.spec.objectives),
                                     "slo_attainment": round(r.slo_attainment, 4)}
         pol = make_policy("slo", ctx)
+        start = initial or D.initial_split(D.INITIAL)
+        pol.initial = lambda: start  # type: ignore[method-assign]  # the live demo's starting split
         r = simulate(pol, ctx, sim)
         out["slo"] = {"phases": phase_rows(r, half, ctx.spec.objectives), "slo_attainment": round(r.slo_attainment, 4),
                       "flips": r.flips, "flip_log": getattr(r, "flip_log", None)}
@@ -84,7 +86,7 @@ def run(duration_s: float, time_scale: float) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration-s", type=float, default=180.0)
+    ap.add_argument("--duration-s", type=float, default=160.0)
     ap.add_argument("--time-scale", type=float, default=2.0)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()

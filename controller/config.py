@@ -167,7 +167,7 @@ class ControlConfig(_Section):
     cold_start_s: float = Field(300.0, ge=0)
     level_tau_s: float = Field(30.0, gt=0)
     trend_tau_s: float = Field(300.0, gt=0)
-    trend_damping_s: float = Field(120.0, ge=0)
+    trend_damping_s: float = Field(600.0, ge=0)
     season_period_s: float = Field(86400.0, gt=0)
     season_bucket_s: float = Field(60.0, gt=0)
     forecast_z: float = Field(1.5, ge=0)

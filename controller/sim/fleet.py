@@ -123,6 +123,9 @@ class SimConfig:
     decode_max_running: int = 0  # smg decode admission gate: per decode worker cap; 0 = no gate
     gate_timeout_s: float = 30.0  # smg sheds a request held this long at the gate (503)
     reversal_window_s: float = 300.0  # a flip back to the role just left within this is a reversal
+    # the clients send max_tokens = the request's real output length (the demo's client does, with
+    # ignore_eos); False: no max_tokens on arrival events, as most clients set none or a blanket cap
+    arrivals_max_tokens: bool = False
 
 
 class TpotTable:

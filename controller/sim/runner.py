@@ -132,6 +132,8 @@ def simulate(
             arrivals = empty_arrivals(nxt - first)
             arrivals["arrival_s"] = arr[first:nxt]
             arrivals["input_tokens"] = trace.input_tokens[first:nxt]
+            if simc.arrivals_max_tokens:
+                arrivals["max_tokens"] = trace.output_tokens[first:nxt]
             obs = Observations(events=events, fleet=fleet.view(), stats=fleet.stats(t, last_busy, period),
                                arrivals=arrivals)
             actions = policy.decide(t, obs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from statistics import NormalDist
 
 import numpy as np
 
@@ -167,7 +168,22 @@ def peak_rate(window: EventWindow, t0: float, t1: float, bin_s: float, q: float)
     a = window.arrival_s
     a = a[(a >= t1 - nb * bin_s) & (a < t1)]
     counts = np.bincount(((a - (t1 - nb * bin_s)) // bin_s).astype(np.int64), minlength=nb)[:nb]
-    return float(np.quantile(counts, q)) / bin_s
+    return burst_rate(counts, q, bin_s)
+
+
+def burst_rate(counts: np.ndarray, q: float, bin_s: float) -> float:
+    """The q-quantile rate over bins, less the Poisson spread the decode margin already covers.
+
+    Of Poisson arrivals at the mean rate, bins of bin_s hold mean +- sqrt(mean) requests, so the
+    q-quantile bin sits ~z_q sqrt(mean) above the mean by chance alone; the decode pool's batch margin
+    (B + z sqrt(B) <= B*) covers that. What is left is burstiness beyond Poisson (inter-arrival CV > 1).
+    """
+    if counts.size == 0:
+        return 0.0
+    mean = float(np.mean(counts))
+    top = float(np.quantile(counts, q))
+    z = NormalDist().inv_cdf(q) if 0.0 < q < 1.0 else 0.0
+    return max(mean, top - z * math.sqrt(mean)) / bin_s
 
 
 def estimate(
@@ -249,7 +265,7 @@ class ArrivalWindow:
     per-tick chunks (immutable arrays), so extending a window never copies it.
     """
 
-    chunks: tuple[tuple[FloatArray, FloatArray, np.ndarray], ...] = ()  # (arrival_s, input_tokens, exact)
+    chunks: tuple[tuple[FloatArray, FloatArray, np.ndarray, FloatArray], ...] = ()  # (arrival_s, input, exact, max_tokens)
     first_s: float | None = None  # when arrival events were first received (coverage of the window)
 
     def extended(self, arrivals: np.ndarray, now: float, horizon_s: float) -> ArrivalWindow:
@@ -262,23 +278,50 @@ class ArrivalWindow:
             keep = t > cut
             if keep.any():
                 exact = (a["flags"][keep] & FLAG_INPUT_ESTIMATED) == 0
-                kept = (*kept, (t[keep], a["input_tokens"][keep].astype(np.float64), exact))
+                kept = (*kept, (t[keep], a["input_tokens"][keep].astype(np.float64), exact,
+                                a["max_tokens"][keep].astype(np.float64)))
             if first is None:
                 first = now
         return ArrivalWindow(kept, first)
 
-    def since(self, t0: float) -> tuple[FloatArray, FloatArray, np.ndarray]:
+    def count_since(self, t0: float) -> int:
+        return sum(int(np.count_nonzero(c[0] > t0)) for c in self.chunks)
+
+    def since(self, t0: float) -> tuple[FloatArray, FloatArray, np.ndarray, FloatArray]:
         if not self.chunks:
             e = np.empty(0)
-            return e, e, np.empty(0, dtype=bool)
+            return e, e, np.empty(0, dtype=bool), e
         t = np.concatenate([c[0] for c in self.chunks])
         m = t > t0
         return (t[m], np.concatenate([c[1] for c in self.chunks])[m],
-                np.concatenate([c[2] for c in self.chunks])[m])
+                np.concatenate([c[2] for c in self.chunks])[m], np.concatenate([c[3] for c in self.chunks])[m])
+
+
+def output_shift(t: FloatArray, max_tokens: FloatArray, now: float, lag_s: float, cap: float,
+                 min_samples: int) -> float:
+    """How much longer (ratio) the outputs of requests still in flight are asked to be than those completed.
+
+    Completed requests say what outputs were; `max_tokens` says what in-flight ones asked for. Their
+    ratio — the mean of min(max_tokens, cap) over arrivals of the last `lag_s` (mostly still
+    streaming) against the arrivals before (mostly completed) — scales the completed mean, so a shift
+    to longer answers shows at arrival, not one request lifetime later. Capping at an observed high
+    quantile keeps a client's blanket `max_tokens: 4096` from reading as 4096-token answers; equal
+    caps everywhere give ratio 1 (no information, no effect). 1.0 with too few requests on either side.
+    """
+    known = max_tokens > 0
+    recent = known & (t > now - lag_s)
+    before = known & (t <= now - lag_s)
+    enough = max(3, min_samples // 4)
+    if recent.sum() < enough or before.sum() < enough or not (cap > 0):
+        return 1.0
+    a = float(np.mean(np.minimum(max_tokens[recent], cap)))
+    b = float(np.mean(np.minimum(max_tokens[before], cap)))
+    return min(4.0, max(0.25, a / b)) if b > 0 else 1.0
 
 
 def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: float, min_samples: int,
-                  burst_bin_s: float, burst_quantile: float) -> tuple[Estimates, tuple[float, ...] | None]:
+                  burst_bin_s: float, burst_quantile: float,
+                  lag_s: float = 0.0) -> tuple[Estimates, tuple[float, ...] | None]:
     """Rate, short-bin peak and (where counted exactly) input lengths from arrivals; None samples if too few.
 
     Only once arrival events have covered half a window (an old tap sends none,
@@ -288,14 +331,18 @@ def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: floa
         return est, None
     t0 = max(now - window_s, win.first_s)
     covered = now - t0
-    t, inp, exact = win.since(t0)
+    t, inp, exact, mt = win.since(t0)
     rate = t.size / covered if covered > 0 else est.arrival_rate_rps
+    if lag_s > 0 and math.isfinite(est.output_len_mean):
+        k = output_shift(t, mt, now, lag_s, est.output_len_p90 * 2.0, min_samples)
+        if k != 1.0:
+            est = replace(est, output_len_mean=est.output_len_mean * k, output_len_p90=est.output_len_p90 * k)
     peak = est.peak_rate_rps
     nb = int(covered // burst_bin_s)
     if burst_quantile > 0 and nb >= 2:
         lo = now - nb * burst_bin_s
         counts = np.bincount(((t[t >= lo] - lo) // burst_bin_s).astype(np.int64), minlength=nb)[:nb]
-        peak = float(np.quantile(counts, burst_quantile)) / burst_bin_s
+        peak = burst_rate(counts, burst_quantile, burst_bin_s)
     est = replace(est, arrival_rate_rps=rate, peak_rate_rps=peak)
     x = inp[exact]
     if x.size < min_samples:

@@ -39,7 +39,7 @@ class ControlParams:
     # forecaster
     level_tau_s: float = 30.0  # Holt level smoothing time constant
     trend_tau_s: float = 300.0  # Holt trend smoothing time constant
-    trend_damping_s: float = 120.0  # how long a trend is extrapolated (damped trend); 0 = no trend
+    trend_damping_s: float = 600.0  # how long a trend is extrapolated (damped trend; ~ a long cold start); 0 = no trend
     season_period_s: float = 86400.0  # seasonal (same time yesterday) component
     season_bucket_s: float = 60.0
     forecast_z: float = 1.5  # margin: z standard deviations of one-step residuals
@@ -124,7 +124,14 @@ class ControlParams:
 
     @property
     def history_s(self) -> float:
-        return max(self.window_s, self.stabilization_up_s, self.stabilization_down_s)
+        return max(self.window_s, self.up_window_s, self.stabilization_down_s)
+
+    @property
+    def up_window_s(self) -> float:
+        """Up-stabilization: at least a tenth of the action's lead time. A need must persist that long
+        before capacity is added; waiting a tenth of what the action takes costs little, and it keeps a
+        need hovering at a pool boundary from adding and removing an instance (2 -> 3 -> 2) on noise."""
+        return max(self.stabilization_up_s, 0.1 * self.lead_s)
 
     @property
     def regrow_hold_s(self) -> float:

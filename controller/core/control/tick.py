@@ -116,12 +116,14 @@ def _trim_in_flight(hist: tuple[tuple[float, int], ...], keep_from: float) -> tu
     return hist[idx:]
 
 
-def _thin(est: Estimates, cfg: ControlSpec) -> str | None:
+def _thin(est: Estimates, cfg: ControlSpec, arrived: int = 0) -> str | None:
+    """Why the window is too thin to act on, or None. Arrivals count as samples: after a shift to
+    long streams few requests complete for a while, but the arrival events keep saying what comes in."""
     p = cfg.params
     if est.window_covered_s < 0.5 * p.window_s:
         return f"window covers {est.window_covered_s:.0f}s of {p.window_s:.0f}s"
-    if est.samples < p.min_samples:
-        return f"{est.samples} samples < min_samples={p.min_samples}"
+    if max(est.samples, arrived) < p.min_samples:
+        return f"{max(est.samples, arrived)} samples < min_samples={p.min_samples}"
     if est.newest_age_s > p.max_age_s:
         return f"newest sample {est.newest_age_s:.0f}s old > max_age_s={p.max_age_s:.0f}"
     return None
@@ -176,7 +178,9 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     lag = float(np.quantile(thinned(window.done_s - window.arrival_s), 0.9)) if len(window) else 0.0
     est = estimate(window, now, state.start_s, p.window_s, hist, state.last_estimates,
                    p.burst_bin_s, p.burst_quantile, min(lag, p.window_s / 2))
-    thin = _thin(est, cfg)
+    arrivals = state.arrivals.extended(obs.arrivals, now, p.window_s)
+    covered_arrivals = arrivals.first_s is not None and now - arrivals.first_s >= 0.5 * p.window_s
+    thin = _thin(est, cfg, arrivals.count_since(now - p.window_s) if covered_arrivals else 0)
     good = state.last_estimates
     if thin is not None and good is not None:
         # a handful of samples says little about lengths: size with the last well-sampled ones
@@ -187,11 +191,13 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
             cache_hit_rate=good.cache_hit_rate, lengths_from_history=True,
         )
     # arrivals lead completions by a request lifetime: rate, burst peak and exact input lengths from them
-    arrivals = state.arrivals.extended(obs.arrivals, now, p.window_s)
     arrival_samples: tuple[float, ...] | None = None
     if thin is None or good is not None:
+        # requests of the last median lifetime are mostly still streaming: their max_tokens lead outputs
+        life = float(np.median(thinned(window.done_s - window.arrival_s))) if len(window) else 0.0
         est, arrival_samples = from_arrivals(est, arrivals, now, p.window_s, p.min_samples,
-                                             p.burst_bin_s, p.burst_quantile)
+                                             p.burst_bin_s, p.burst_quantile,
+                                             min(max(life, p.window_s / 4), p.window_s / 2))
     have_lengths = not math.isnan(est.input_len_mean)
     fc_state = state.forecaster
     covered = est.window_covered_s >= 0.5 * p.window_s
@@ -218,10 +224,12 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     w = window.since(now - p.window_s)
     burn = measure_burn(w.ttft_s, w.tpot_s, cfg.objectives, p)
     gate = getattr(obs.stats, "decode_gate_waiting", None)
+    # anti-windup: misses in a window that saw the fleet change were (partly) the old fleet's
+    settled = now - history.last_change_s >= p.window_s
     feedback = update_feedback(
         state.feedback, burn, now, p,
-        prefill_growing=any(t.target_role is Role.PREFILL for t in fleet.transitions),
-        decode_growing=any(t.target_role is Role.DECODE for t in fleet.transitions),
+        prefill_growing=not settled or any(t.target_role is Role.PREFILL for t in fleet.transitions),
+        decode_growing=not settled or any(t.target_role is Role.DECODE for t in fleet.transitions),
         ttft_is_decode=bool(gate) and (obs.stats.prefill_queued or 0) == 0,
     )
     rates = record_rate(state.rates, now, est.arrival_rate_rps, est.peak_rate_rps, p.regrow_hold_s) \
@@ -276,7 +284,10 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     except (InfeasibleError, ModelInputError) as e:
         decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
         return result([], new_state, None, cur_p, cur_d)
-    target, needs = _observed_decode_need(target, obs, state.observed_needs, now, p.observed_need_hold_s)
+    # a transient shorter than the time to act cannot be served by acting: hold the observed need that
+    # long at most (a flip's lead where flips move capacity fast, a cold start's otherwise)
+    lead = p.flip_lead_s if p.mode is Mode.FIXED or p.flip_lead_s < p.cold_start_s else p.cold_start_s
+    target, needs = _observed_decode_need(target, obs, state.observed_needs, now, min(p.observed_need_hold_s, lead))
     new_state = replace(new_state, observed_needs=needs)
     target = _with_headroom(target, feedback, decisions)
     if thin is not None:
@@ -359,7 +370,7 @@ def _pool_stages(
     if thin and n < cur:
         n = cur  # never scale down on thin or stale data
     recs = stages.record(recs, now, n, p.history_s, current=cur)
-    n2, r = stages.stabilize(recs, now, cur, p.stabilization_up_s, p.stabilization_down_s)
+    n2, r = stages.stabilize(recs, now, cur, p.up_window_s, p.stabilization_down_s)
     if r is not None:
         decisions.append(Decision(role.value, Reason.STABILIZING, f"recommendation {n}, holding {n2}"))
     n3, r = stages.bounds(n2, lo, hi)
@@ -524,7 +535,7 @@ def _tick_fixed(
                                   f"last flip went the other way {now - h.last_flip_s:.0f}s ago"))
         st = replace(st, recs_split=recs)
         return result([], st, target, cur_p, total - cur_p)
-    n, r = stages.stabilize(recs, now, cur_p, p.stabilization_up_s, p.stabilization_up_s)
+    n, r = stages.stabilize(recs, now, cur_p, p.up_window_s, p.up_window_s)
     if r is not None and want != cur_p:
         decisions.append(Decision("fleet", Reason.STABILIZING, f"recommendation {want}P, holding {n}P"))
     n, r = stages.bounds(n, max(p.min_prefill, total - p.max_decode), min(p.max_prefill, total - max(1, p.min_decode)))
