@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -38,8 +37,8 @@ from controller.core.control.safety import FleetHistory, consolidation_ok
 from controller.core.events import empty_events
 from controller.core.pooled import erlang_c, pooled_need, pooled_sojourn_s
 from controller.core.prefill import QueueModel, ServiceTime, sojourn_s
-from controller.profiles import load_profile
 from controller.core.sizing import Hardware, Objectives
+from controller.profiles import load_profile
 
 
 def _fcfs_multi(arrivals: np.ndarray, service: np.ndarray, c: int) -> np.ndarray:

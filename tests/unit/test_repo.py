@@ -31,7 +31,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff() -> None:
-    proc = _run(sys.executable, "-m", "ruff", "check", "controller", "router_plugin", "tests", "bench")
+    proc = _run(sys.executable, "-m", "ruff", "check", "controller", "router_plugin", "tests", "bench", "harness")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
