@@ -21,7 +21,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from controller.cli import demo as D
 from controller.config import config_from_dict
 from controller.core.control import ControlSpec, Mode
 from controller.core.prefill import QueueModel
@@ -31,6 +30,7 @@ from controller.sim.fleet import SimConfig
 from controller.sim.policies import FixedSplitPolicy, SimContext, make_policy
 from controller.sim.runner import simulate
 from controller.sim.traces import Trace
+from harness import demo as D
 
 
 def demo_trace(duration_s: float, time_scale: float) -> Trace:

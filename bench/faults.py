@@ -1,7 +1,7 @@
 """Fault suite against the live stack: faults at every step of a flip, and a soak, with what users would run.
 
-The stack, all real processes on loopback (the demo's harness: controller.agent.localfleet,
-controller.cli.demo.start_tap):
+The stack, all real processes on loopback (the demo's harness: harness.agentfleet,
+harness.demo.start_tap):
 
     load -> pd-router-tap -> sglang-router (PD) -> 4 emulated SGLang workers (2P2D), each under a node agent
                  | events (ZeroMQ)
@@ -182,9 +182,9 @@ class Stack:
         self._cue_id = 0
 
     async def start(self) -> Stack:
-        from controller.agent.localfleet import AgentFleet
-        from controller.cli.demo import controller_config, scaled_profile, start_tap
         from controller.profiles import resolve_profile_path
+        from harness.agentfleet import AgentFleet
+        from harness.demo import controller_config, scaled_profile, start_tap
 
         s = self.time_scale
         delay = self.switch_s
@@ -243,7 +243,7 @@ class Stack:
         self.controller.wait()
 
     async def stop(self) -> None:
-        from controller.emulator.fleet import terminate
+        from harness.fleet import terminate
 
         if self.controller is not None:
             await asyncio.to_thread(terminate, self.controller, 10.0)

@@ -42,10 +42,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from controller.core.prefill import QueueModel, service_time, sojourn_s  # noqa: E402
-from controller.emulator.fleet import EmulatedFleet  # noqa: E402
 from controller.planning import PlanRequest, execute  # noqa: E402
 from controller.profiler.measure import parse_engine_sample  # noqa: E402
 from controller.profiles import load_profile  # noqa: E402
+from harness.fleet import EmulatedFleet  # noqa: E402
 
 PROFILE = "llama2-70b-h100-tp8"
 TRACE = REPO / "data" / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv"

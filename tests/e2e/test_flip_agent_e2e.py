@@ -13,8 +13,8 @@ from controller.actuators import build_actuator
 from controller.actuators.errors import TransientError
 from controller.actuators.fleet import RouterActuator
 from controller.actuators.flip import FlipRecord, Step
-from controller.agent.localfleet import AgentFleet
 from controller.config import ActuationConfig
+from harness.agentfleet import AgentFleet
 from tests.e2e.test_flip_e2e import ClientLoad, router_split
 
 pytestmark = pytest.mark.e2e

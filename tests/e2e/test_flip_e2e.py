@@ -16,7 +16,7 @@ from aiohttp import web
 from controller.actuators import build_actuator
 from controller.actuators.fleet import RouterActuator
 from controller.config import ActuationConfig
-from controller.emulator.fleet import EmulatedFleet
+from harness.fleet import EmulatedFleet
 
 pytestmark = pytest.mark.e2e
 PROFILE = "llama2-70b-h100-tp8"
