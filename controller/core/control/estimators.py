@@ -304,8 +304,8 @@ def output_shift(t: FloatArray, max_tokens: FloatArray, now: float, lag_s: float
     Completed requests say what outputs were; `max_tokens` says what in-flight ones asked for. Their
     ratio — the mean of min(max_tokens, cap) over arrivals of the last `lag_s` (mostly still
     streaming) against the arrivals before (mostly completed) — scales the completed mean, so a shift
-    to longer answers shows at arrival, not one request lifetime later. Capping at an observed high
-    quantile keeps a client's blanket `max_tokens: 4096` from reading as 4096-token answers; equal
+    to longer answers shows at arrival, not one request lifetime later. Capping at a few times the
+    observed P90 keeps a client's blanket `max_tokens: 4096` from reading as 4096-token answers; equal
     caps everywhere give ratio 1 (no information, no effect). 1.0 with too few requests on either side.
     """
     known = max_tokens > 0
@@ -316,12 +316,12 @@ def output_shift(t: FloatArray, max_tokens: FloatArray, now: float, lag_s: float
         return 1.0
     a = float(np.mean(np.minimum(max_tokens[recent], cap)))
     b = float(np.mean(np.minimum(max_tokens[before], cap)))
-    return min(4.0, max(0.25, a / b)) if b > 0 else 1.0
+    return min(8.0, max(0.125, a / b)) if b > 0 else 1.0
 
 
 def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: float, min_samples: int,
                   burst_bin_s: float, burst_quantile: float,
-                  lag_s: float = 0.0) -> tuple[Estimates, tuple[float, ...] | None]:
+                  lag_s: float = 0.0, previous_p90: float = math.nan) -> tuple[Estimates, tuple[float, ...] | None]:
     """Rate, short-bin peak and (where counted exactly) input lengths from arrivals; None samples if too few.
 
     Only once arrival events have covered half a window (an old tap sends none,
@@ -334,7 +334,8 @@ def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: floa
     t, inp, exact, mt = win.since(t0)
     rate = t.size / covered if covered > 0 else est.arrival_rate_rps
     if lag_s > 0 and math.isfinite(est.output_len_mean):
-        k = output_shift(t, mt, now, lag_s, est.output_len_p90 * 2.0, min_samples)
+        cap = 4.0 * max(est.output_len_p90, previous_p90 if math.isfinite(previous_p90) else 0.0)
+        k = output_shift(t, mt, now, lag_s, cap, min_samples)
         if k != 1.0:
             est = replace(est, output_len_mean=est.output_len_mean * k, output_len_p90=est.output_len_p90 * k)
     peak = est.peak_rate_rps

@@ -197,7 +197,8 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         life = float(np.median(thinned(window.done_s - window.arrival_s))) if len(window) else 0.0
         est, arrival_samples = from_arrivals(est, arrivals, now, p.window_s, p.min_samples,
                                              p.burst_bin_s, p.burst_quantile,
-                                             min(max(life, p.window_s / 4), p.window_s / 2))
+                                             min(max(life, p.window_s / 4), p.window_s / 2),
+                                             good.output_len_p90 if good is not None else math.nan)
     have_lengths = not math.isnan(est.input_len_mean)
     fc_state = state.forecaster
     covered = est.window_covered_s >= 0.5 * p.window_s
