@@ -60,8 +60,10 @@ class AgentFleet:
         startup_timeout_s: float = 90.0,
         router: str | None = None,
         model: str = "emulated",
+        policy: str = "round_robin",
     ) -> None:
         self.router_kind = resolve(router)
+        self.policy = policy  # the router's load-balancing policy (--policy)
         self.model = model  # the served model name clients send (smg routes by it)
         self.tmp = workdir
         self.roles = list(roles)
@@ -147,7 +149,8 @@ class AgentFleet:
         pairs = list(zip(self.urls, self.roles, strict=True))
         cmd = router_command(self.router_kind, host=HOST, port=port, prometheus_port=mport,
                              prefill=[(u, self.bootstrap[u]) for u, r in pairs if r == "prefill"],
-                             decode=[u for u, r in pairs if r != "prefill"], extra=self.router_args)
+                             decode=[u for u, r in pairs if r != "prefill"], policy=self.policy,
+                             extra=self.router_args)
         with open(self.tmp / "router.log", "wb") as log:
             self.router = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                            env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),

@@ -264,8 +264,9 @@ class Client:
             for r in schedule:
                 delay = t0 + r.at_s - time.monotonic()
                 if delay > 0:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), delay)
+                    # a plain sleep: Python 3.11's wait_for can swallow a cancellation that lands as its
+                    # timeout fires, and Ctrl-C (the runner cancels this task) then went unheard
+                    await asyncio.sleep(delay)
                 if stop.is_set():
                     break
                 t = asyncio.create_task(self.one(session, r, t0))
@@ -504,8 +505,10 @@ async def demo(args: argparse.Namespace, work: Path, out: TextIO) -> dict[str, A
     print(f"pd-controller demo: {len(schedule)} requests over {args.duration_s:.0f}s (code then conversation), "
           f"emulated GPUs at time scale {s:g}; workdir {work}", file=out, flush=True)
     n_p, n_d = initial_split(args.initial)
+    # power-of-two choices: the least loaded of two random workers, close to the least-load routing the
+    # controller's pooled prefill model and the simulator assume (round robin queues each worker apart)
     fleet = AgentFleet(work, ["prefill"] * n_p + ["decode"] * n_d, profile=PROFILE, time_scale=s,
-                       router=args.router)
+                       router=args.router, policy="power_of_two")
     print(f"starting 4 node agents + emulated workers ({n_p}P{n_d}D), the router ({fleet.router_kind.label}), "
           f"the tap...", file=out, flush=True)
     tap: subprocess.Popen[bytes] | None = None

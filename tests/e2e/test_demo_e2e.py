@@ -75,7 +75,7 @@ def test_demo_flips_with_zero_failures_and_cleans_up(tmp_path):
     assert (roles.count("prefill"), roles.count("decode")) == (s["final_prefill"], s["final_decode"])
     assert 0.0 <= s["slo_attainment"] <= 1.0
     assert plot.stat().st_size > 10_000
-    assert "decision" in r.stderr and "fleet 2P2D" in r.stderr  # the live view went to stderr
+    assert "decision" in r.stderr and "fleet 3P1D" in r.stderr  # the live view (from the initial split) on stderr
     assert wait_gone(started_by(work)) == []
 
 
