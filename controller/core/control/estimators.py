@@ -254,6 +254,7 @@ def input_quantiles(window: EventWindow, t0: float, k: int = 32) -> tuple[float,
 
 
 FLAG_INPUT_ESTIMATED = 0x04  # ARRIVAL_DTYPE flags bit 2: input_tokens estimated from the text, not counted
+ARRIVAL_HISTORY = 3  # arrival windows kept (rate and lengths read the last one; output shifts compare further back)
 
 
 @dataclass(frozen=True)
@@ -331,11 +332,14 @@ def from_arrivals(est: Estimates, win: ArrivalWindow, now: float, window_s: floa
         return est, None
     t0 = max(now - window_s, win.first_s)
     covered = now - t0
-    t, inp, exact, mt = win.since(t0)
+    t, inp, exact, _ = win.since(t0)
     rate = t.size / covered if covered > 0 else est.arrival_rate_rps
     if lag_s > 0 and math.isfinite(est.output_len_mean):
         cap = 4.0 * max(est.output_len_p90, previous_p90 if math.isfinite(previous_p90) else 0.0)
-        k = output_shift(t, mt, now, lag_s, cap, min_samples)
+        # the reference asks reach back past the window (ARRIVAL_HISTORY windows): right after a lull
+        # the window alone may hold too few older arrivals to compare with
+        t_all, _, _, mt_all = win.since(now - ARRIVAL_HISTORY * window_s)
+        k = output_shift(t_all, mt_all, now, lag_s, cap, min_samples)
         if k != 1.0:
             est = replace(est, output_len_mean=est.output_len_mean * k, output_len_p90=est.output_len_p90 * k)
     peak = est.peak_rate_rps

@@ -20,6 +20,7 @@ from controller.core.control.calibration import (
     update_prefill_busy,
 )
 from controller.core.control.estimators import (
+    ARRIVAL_HISTORY,
     ArrivalWindow,
     EventWindow,
     estimate,
@@ -178,7 +179,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     lag = float(np.quantile(thinned(window.done_s - window.arrival_s), 0.9)) if len(window) else 0.0
     est = estimate(window, now, state.start_s, p.window_s, hist, state.last_estimates,
                    p.burst_bin_s, p.burst_quantile, min(lag, p.window_s / 2))
-    arrivals = state.arrivals.extended(obs.arrivals, now, p.window_s)
+    arrivals = state.arrivals.extended(obs.arrivals, now, ARRIVAL_HISTORY * p.window_s)
     covered_arrivals = arrivals.first_s is not None and now - arrivals.first_s >= 0.5 * p.window_s
     thin = _thin(est, cfg, arrivals.count_since(now - p.window_s) if covered_arrivals else 0)
     good = state.last_estimates
