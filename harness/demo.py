@@ -583,8 +583,12 @@ def print_summary(summ: dict[str, Any], out: TextIO) -> None:
         print(f"  t={f['t_s']:>5}s {f['worker']} -> {f['to']}: {'ok' if f['ok'] else 'FAILED'} ({f['reason']})",
               file=out)
     r = summ.get("reaction_s") or {}
-    print(f"reaction: first flip done {r.get('code')}s into the code phase, {r.get('conv')}s into the conversation "
-          "phase", file=out)
+
+    def _s(x: float | None) -> str:
+        return "no flip" if x is None else f"{x}s"
+
+    print(f"reaction: first flip done in the code phase: {_s(r.get('code'))}; in the conversation phase: "
+          f"{_s(r.get('conv'))} after it began", file=out)
     if summ["plot"]:
         print(f"plot: {summ['plot']}", file=out)
     base = summ.get("baseline")
