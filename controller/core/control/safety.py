@@ -9,8 +9,8 @@ holds:
    is the highest rate observed within the last `hold_s` (at least the
    down-stabilization window and `regrow_hold_factor` x the time it would take
    to grow back): if the load was there that recently, it can come back before
-   a new instance would be ready. The smaller pool must carry it at the
-   model's per-instance rate with the feedback headroom.
+   a new instance would be ready. The smaller pool must carry it: the model's
+   exact need at the held rate, times the feedback headroom.
 2. **Consolidation (N -> n).** The load observed at the current size, spread
    over the smaller pool, must stay below what one instance sustains at the
    objective: prefill busy share x N/n <= the model's utilisation at the
