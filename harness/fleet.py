@@ -65,11 +65,24 @@ class FleetError(RuntimeError):
     """The fleet could not start (a process died or the router never registered the workers)."""
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free loopback TCP port (bound and released: tiny race, fine on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A free loopback TCP port, never one this process handed out before.
+
+    The port is bound and released, so the kernel may offer the same one again to the next call before
+    anything listens on it: two workers of one fleet then got the same port (seen in CI). Remembering
+    what was handed out closes that within a process; across processes a tiny race remains.
+    """
+    for _ in range(64):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise OSError("no fresh loopback port after 64 tries")
 
 
 @dataclass
