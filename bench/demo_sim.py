@@ -1,6 +1,6 @@
 """The demo's schedule in the simulator: per phase, every static split of the four instances and the controller.
 
-    python bench/demo_sim.py [--duration-s 180] [--time-scale 2] [--code-rps R] [--conv-rps R]
+    python bench/demo_sim.py [--duration-s 130] [--time-scale 2] [--code-rps R] [--conv-rps R]
 
 Same schedule (`pd-controller demo`'s build_schedule), same scaled profile, same objectives and
 control parameters as the live demo; prints per phase the attainment and TTFT/TPOT percentiles of
@@ -86,10 +86,16 @@ def run(duration_s: float, time_scale: float, initial: tuple[int, int] | None = 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--duration-s", type=float, default=160.0)
+    ap.add_argument("--duration-s", type=float, default=D.DURATION_S)
     ap.add_argument("--time-scale", type=float, default=2.0)
+    ap.add_argument("--code-rps", type=float, default=None, help="the code phase's rate (default: the demo's)")
+    ap.add_argument("--conv-rps", type=float, default=None, help="the conversation phase's rate (default: the demo's)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
+    if a.code_rps is not None:
+        D.CODE_RPS = a.code_rps
+    if a.conv_rps is not None:
+        D.CONV_RPS = a.conv_rps
     res = run(a.duration_s, a.time_scale)
     if a.json:
         print(json.dumps(res, indent=1))

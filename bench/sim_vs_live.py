@@ -1,6 +1,6 @@
 """The demo's schedule in the simulator and live, side by side (issue 10 item 4).
 
-    python bench/sim_vs_live.py [--live-json FILE] [--duration-s 160] [--time-scale 2]
+    python bench/sim_vs_live.py [--live-json FILE] [--duration-s 130] [--time-scale 2]
 
 Simulated: bench/demo_sim.py (same schedule, scaled profile, objectives, control parameters, four
 instances, the same starting split). Live: `pd-controller demo --json` through the real router with
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_sim
+from harness import demo as D
 
 from controller.sim.policies import make_policy
 from controller.sim.runner import simulate
@@ -71,7 +72,7 @@ def live_side(duration_s: float, time_scale: float) -> dict[str, Any]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--live-json", type=Path, help="a `pd-controller demo --json` output to compare with")
-    ap.add_argument("--duration-s", type=float, default=160.0)
+    ap.add_argument("--duration-s", type=float, default=D.DURATION_S)
     ap.add_argument("--time-scale", type=float, default=2.0)
     a = ap.parse_args()
     live = json.loads(a.live_json.read_text()) if a.live_json else live_side(a.duration_s, a.time_scale)

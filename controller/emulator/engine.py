@@ -119,6 +119,7 @@ class PrefillEngine:
         self.on_batch = on_batch
         self.queue: deque[_PrefillJob] = deque()
         self.running = 0
+        self.running_tokens = 0  # uncached tokens of the batch being computed (its KV is locked, not evictable)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy_until = 0.0
@@ -156,6 +157,10 @@ class PrefillEngine:
     def queued(self) -> int:
         return len(self.queue)
 
+    @property
+    def queued_tokens(self) -> int:
+        return sum(j.tokens for j in self.queue)
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -180,11 +185,11 @@ class PrefillEngine:
             start = max(self._busy_until, min(j.arrival for j in batch))
             end = start + self.service_s(tokens)
             self._busy_until = end
-            self.running = len(batch)
+            self.running, self.running_tokens = len(batch), tokens
             delay = end - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            self.running = 0
+            self.running, self.running_tokens = 0, 0
             if self.on_batch is not None:
                 self.on_batch(tokens, end - start)
             for j in batch:

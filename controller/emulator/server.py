@@ -282,16 +282,26 @@ class EmulatedWorker:
         """(running, queued, KV tokens in use) for the current role."""
         if self.role == "prefill":
             assert self.prefill is not None
-            return self.prefill.running, self.prefill.queued, float(self.cache.used_tokens)
+            # SGLang counts the KV in use less the evictable prefix cache: on a prefill worker, the batch
+            # being computed (the radix cache it keeps afterwards is evictable and not load)
+            return self.prefill.running, self.prefill.queued, float(self.prefill.running_tokens)
         assert self.decode is not None
         return len(self.decode.running), len(self.decode.waiting) + self.decode_pending, float(self.decode.kv_used)
 
     async def get_load(self, request: web.Request) -> web.Response:
         running, queued, used = self._counts()
+        # SGLang's get_load: tokens in use plus the input tokens of every waiting request
         return web.json_response([{
             "dp_rank": 0, "num_reqs": max(self.inflight, running + queued), "num_waiting_reqs": queued,
-            "num_tokens": int(used),
+            "num_tokens": int(used) + self._waiting_tokens(),
         }])
+
+    def _waiting_tokens(self) -> int:
+        if self.role == "prefill" and self.prefill is not None:
+            return self.prefill.queued_tokens
+        if self.role == "decode" and self.decode is not None:
+            return sum(s.input_tokens for s in self.decode.waiting)
+        return 0
 
     def load_snapshot(self, include: set[str] | None) -> dict[str, Any]:
         """One DP rank's load, with SGLang's /v1/loads field names (core fields always; sections on request)."""
@@ -300,10 +310,8 @@ class EmulatedWorker:
         self._trim_window(now)
         cap = int(self.kv_capacity_tokens) if math.isfinite(self.kv_capacity_tokens) else 0
         pending = self.decode_pending if self.role == "decode" else 0
-        waiting_uncached = sum(j.tokens for j in self.prefill.queue) if self.role == "prefill" and self.prefill else 0
-        pending_tokens = 0
-        if self.role == "decode" and self.decode is not None:
-            pending_tokens = sum(s.input_tokens for s in self.decode.waiting)
+        waiting_uncached = self.prefill.queued_tokens if self.role == "prefill" and self.prefill else 0
+        pending_tokens = self._waiting_tokens()
         snap: dict[str, Any] = {
             "timestamp": time.time(),
             "dp_rank": 0,
@@ -495,11 +503,18 @@ class EmulatedWorker:
         cached = self.cache.match_and_insert(req.input_ids)
         self.metrics.c_req.inc()
         self.metrics.count_prompt(req.input_tokens, cached)
-        job = self.prefill.submit(req.input_tokens - cached)
+        # the profile's fixed per-request overhead (tokenising, scheduling) before the GPU queue: the
+        # simulator and the model add it to every TTFT, so the emulated server spends it too
+        overhead_s = self.profile.overhead_s * self.opts.time_scale
+        job: asyncio.Future[float] | None = None
         try:
+            if overhead_s > 0:
+                await asyncio.sleep(overhead_s)
+            job = self.prefill.submit(req.input_tokens - cached)
             done_at = await job
         except asyncio.CancelledError:
-            job.cancel()
+            if job is not None:
+                job.cancel()
             if room_fut is not None and not room_fut.done():
                 room_fut.cancel()
             raise

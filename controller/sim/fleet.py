@@ -451,7 +451,14 @@ class Fleet:
             if ntok <= 0:
                 self._finish(rid, now)
                 continue
-            fin = inst.g + ntok
+            # continuous batching joins at a step boundary (integer g): a request admitted while a step
+            # runs waits for it to end (SGLang merges new requests into the batch between forward passes;
+            # the emulator does the same); an idle instance starts a step now
+            if inst.running:
+                fin = math.floor(inst.g) + 1 + ntok
+            else:
+                inst.g = float(math.ceil(inst.g))
+                fin = inst.g + ntok
             inst.running[rid] = fin
             heapq.heappush(inst.heap, (fin, rid))
             inst.kv_used += need

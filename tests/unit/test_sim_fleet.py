@@ -131,3 +131,22 @@ def test_mooncake_hashes_hit_the_prefix_cache_of_the_instance_that_served_them()
     f.run_until(math.inf, 0)
     assert list(f.cached) == [0, 4095, 3 * 512]
     assert f.pdone_s[1] - f.arr[1] < f.pdone_s[0] - f.arr[0]
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step_boundary():
+    # SGLang (and the emulator) merge a new request into the batch between forward passes: one that
+    # lands mid-step waits for that step to end, so its L-1 decode tokens take more than L-1 steps
+    prof = load_profile("llama2-70b-h100-tp8")
+    step1 = prof.decode_curve.tpot_ms_at(1, 512 + 1000) / 1000
+    # A starts decoding alone at its join; B's prefill ends 0.3 steps into one of A's steps
+    tr = _trace(np.array([0.0, 0.0]), np.array([512, 512]), np.array([2001, 11]))
+    f = Fleet(tr, prof, SimConfig(), 2, 1, overhead_s=0.0)
+    f.kvx[:] = 0.0
+    f.kvx[1] = 5.3 * step1  # B's KV lands mid-step
+    f.run_until(math.inf, 0)
+    a_join, b_join = f.join_s
+    assert b_join - a_join == pytest.approx(5.3 * step1, rel=1e-6)
+    waited = f.done_s[1] - f.join_s[1]
+    steps = waited / prof.decode_curve.tpot_ms_at(2, 512 + 6) * 1000
+    # 10 decode tokens plus the 0.7 step left of the step in progress (step times of batch 1 and 2 differ a little)
+    assert 10.5 < steps < 10.9
