@@ -19,14 +19,16 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import demo_sim
-from harness import demo as D
 
 from controller.sim.policies import make_policy
 from controller.sim.runner import simulate
+from harness import demo as D
 
 
 class _FlipLog:
@@ -46,6 +48,10 @@ class _FlipLog:
         return acts
 
 
+def _q(x: np.ndarray, k: float) -> float | None:
+    return round(float(np.nanquantile(x, k)), 4) if np.isfinite(x).any() else None
+
+
 def sim_side(duration_s: float, time_scale: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ctx, sim = demo_sim.context(duration_s, time_scale, Path(tmp))
@@ -58,7 +64,11 @@ def sim_side(duration_s: float, time_scale: float) -> dict[str, Any]:
         phases = {}
         for name, lo, hi in (("code", 0.0, half), ("conv", half, 2 * half)):
             m = (r.arrival_s >= lo) & (r.arrival_s < hi)
-            phases[name] = {"slo_attainment": round(float(r.met[m].mean()), 4) if m.any() else None}
+            tt, tp = r.ttft_each_s[m], r.tpot_each_ms[m] / 1000.0
+            tp = tp[np.isfinite(tp) & (tp > 0)]
+            phases[name] = {"slo_attainment": round(float(r.met[m].mean()), 4) if m.any() else None,
+                            "ttft_p50_s": _q(tt, 0.5), "ttft_p90_s": _q(tt, 0.9),
+                            "tpot_p50_s": _q(tp, 0.5), "tpot_p90_s": _q(tp, 0.9)}
         return {"phases": phases, "flips": [{"t_s": t, "to": d} for t, d in log.flips]}
 
 
@@ -85,7 +95,13 @@ def main() -> int:
         d = 100 * (l_att - s_att) if s_att is not None and l_att is not None else float("nan")
         worst = max(worst, abs(d))
         print(f"{name:<6} {100 * s_att:>14.1f}% {100 * l_att:>15.1f}% {d:>+14.1f}")
-    print("live TTFT p50 per phase (s): " + ", ".join(f"{n} {live['phases'][n].get('ttft_p50_s')}" for n in ("code", "conv")))
+    print(f"{'phase':<6} {'':>6} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'TPOT p50 ms':>12} {'TPOT p90 ms':>12}")
+    for name in ("code", "conv"):
+        for side, src in (("sim", sim), ("live", live)):
+            ph = src["phases"][name]
+            cells = [ph.get(k) for k in ("ttft_p50_s", "ttft_p90_s")] + [
+                None if ph.get(k) is None else 1000 * ph[k] for k in ("tpot_p50_s", "tpot_p90_s")]
+            print(f"{name:<6} {side:>6} " + " ".join("{:>11}".format("-" if c is None else f"{c:.3g}") for c in cells))
     print("sim flips : " + ", ".join(f"t={f['t_s']:.0f}s ->{f['to']}" for f in sim["flips"]))
     print("live flips: " + ", ".join(f"t={f['t_s']:.0f}s ->{f['to']}" for f in live["flip_log"] if f["ok"]))
     same = [f["to"] for f in sim["flips"]] == [f["to"] for f in live["flip_log"] if f["ok"]]

@@ -159,17 +159,6 @@ class DecodeOperatingPoint:
     tpot_ms: float | None
 
 
-def join_wait_factor(output_len: float) -> float:
-    """Per-request TPOT / step time: a request joins the running batch at the next step boundary.
-
-    SGLang merges newly arrived requests into the batch between forward passes,
-    so a request waits on average half a step after its KV lands; its L-1 decode
-    tokens (the first came from prefill) then take L-1/2 steps, and its measured
-    TPOT = (last - first token) / (L-1) = step * (L - 1/2) / (L - 1).
-    """
-    return (output_len - 0.5) / (output_len - 1.0) if output_len > 1.5 else 2.0
-
-
 def decode_operating_point(
     profile: DecodeProfile | None,
     tpot_target_ms: float,
@@ -189,12 +178,5 @@ def decode_operating_point(
     if profile is None:
         raise ModelInputError("decode", None, "need a decode profile curve or a measured decode_tps")
     context = input_len + output_len / 2.0
-    # the step must leave room for the wait to join the batch (join_wait_factor)
-    step_target_ms = tpot_target_ms / join_wait_factor(output_len)
-    fastest = profile.tpot_ms_at(profile.batch[0], context)
-    if step_target_ms < fastest:
-        # at or below batch 1: tight but feasible if batch 1 meets the objective itself; otherwise
-        # best_batch names the operator's own value in its error
-        step_target_ms = fastest if fastest <= tpot_target_ms else tpot_target_ms
-    b = profile.best_batch(step_target_ms, context, kv_tokens_per_request=input_len + output_len)
+    b = profile.best_batch(tpot_target_ms, context, kv_tokens_per_request=input_len + output_len)
     return DecodeOperatingPoint(tps=profile.tps_at(b, context), batch=b, tpot_ms=profile.tpot_ms_at(b, context))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from controller.core.decode import DecodeOperatingPoint, decode_operating_point, join_wait_factor
+from controller.core.decode import DecodeOperatingPoint, decode_operating_point
 from controller.core.errors import ModelInputError
 from controller.core.prefill import PrefillQueueing, QueueModel, ServiceTime, service_time
 from controller.core.profile import Profile
@@ -252,7 +252,7 @@ def predict_at(
     if curve is not None and hw.decode_tps_override is None:
         per_d_tps = workload.rate_rps * workload.output_len / dep.n_decode
         t = curve.tpot_ms_at_token_rate(per_d_tps, workload.input_len + workload.output_len / 2.0)
-        tpot = None if math.isinf(t) else t * join_wait_factor(workload.output_len)
+        tpot = None if math.isinf(t) else t
     return ttft, tpot
 
 

@@ -209,6 +209,7 @@ class DecodeSeq:
     arrival: float = 0.0
     admitted_at: float = 0.0
     cancelled: bool = False
+    first_sent: bool = False
 
     @property
     def context(self) -> int:
@@ -270,14 +271,11 @@ class DecodeEngine:
             self.waiting.popleft()
             seq.kv_tokens = need
             self.kv_used += need
-            # the first token was computed by prefill and arrives with the KV
+            # the first token was computed by prefill and arrives with the KV; it is sent at the next
+            # step boundary (SGLang's prebuilt batch between forward passes), see _loop
             seq.generated = 1
             seq.admitted_at = now
-            seq.emit(0, now)
-            if seq.generated >= seq.output_tokens:
-                self._release(seq)
-            else:
-                self.running.append(seq)
+            self.running.append(seq)
 
     def _release(self, seq: DecodeSeq) -> None:
         self.kv_used -= seq.kv_tokens
@@ -302,6 +300,22 @@ class DecodeEngine:
                 start = now
             # a request admitted after this (virtual) step began runs from the next one
             batch = [s for s in self.running if s.admitted_at <= start]
+            # joiners first get their prefill-computed token, at this boundary, as SGLang streams it from a
+            # prebuilt batch run between forward passes before merging them into the running batch
+            for s in batch:
+                if not s.first_sent:
+                    s.first_sent = True
+                    if not s.cancelled:
+                        s.emit(0, start)
+            done_now = [s for s in batch if s.cancelled or s.generated >= s.output_tokens]
+            if done_now:
+                for s in done_now:
+                    self._release(s)
+                self.running = [s for s in self.running if s not in done_now]
+                batch = [s for s in batch if s not in done_now]
+                if not batch:
+                    self._admit()
+                    continue
             b = len(batch)
             ctx = sum(s.context for s in batch) / b
             dt = self.step_s(b, ctx)

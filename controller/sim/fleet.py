@@ -10,8 +10,11 @@
 - Decode instance: continuous batching. Between membership changes every
   running request advances one token per step of TPOT(batch, context) from the
   profile, so the instance is simulated in closed form ("fluid" steps): a
-  shared token clock G advances by dt / TPOT; a request that joined at G0 with
-  n tokens to produce finishes when G = G0 + n. Admission is limited by the KV
+  shared token clock G advances by dt / TPOT; steps end at integer G. A
+  request admitted at G0 while a step runs gets its first token (from
+  prefill) at the next boundary, as SGLang's prebuilt batch between forward
+  passes sends it, and with n tokens left finishes when G = floor(G0) + 1 + n
+  (an idle instance starts a step at once). Admission is limited by the KV
   cache (input + output tokens reserved per request); others wait FIFO.
 - Instances flip (drain: no new work, finish what they hold; then switch for
   flip_time_s) and scale (cold start for cold_start_s; scale-down drains then
@@ -444,21 +447,22 @@ class Fleet:
             if inst.running and inst.kv_used + need > self.kv_cap:
                 break
             inst.waiting.popleft()
-            self.join_s[rid] = now
-            if now - self.arr[rid] + self.overhead_s > self.ttft_lim:
+            # SGLang streams a joiner's first token (computed by prefill, sent with the KV) from a "prebuilt"
+            # batch it runs between forward passes, then merges it into the running batch: while a step
+            # runs, the first token waits for that step to end (in TTFT), and the rest come one per step
+            g_join = float(math.ceil(inst.g - 1e-9))  # the next step boundary (now, if G sits on one)
+            if inst.running and inst.step_s > 0:
+                join = now + (g_join - inst.g) * inst.step_s
+            else:
+                inst.g, join = g_join, now  # an idle instance starts a step at once, with all who join now
+            self.join_s[rid] = join
+            if join - self.arr[rid] + self.overhead_s > self.ttft_lim:
                 self._miss(rid)
             ntok = int(self.out[rid]) - 1  # the first token came from prefill
             if ntok <= 0:
                 self._finish(rid, now)
                 continue
-            # continuous batching joins at a step boundary (integer g): a request admitted while a step
-            # runs waits for it to end (SGLang merges new requests into the batch between forward passes;
-            # the emulator does the same); an idle instance starts a step now
-            if inst.running:
-                fin = math.floor(inst.g) + 1 + ntok
-            else:
-                inst.g = float(math.ceil(inst.g))
-                fin = inst.g + ntok
+            fin = g_join + ntok
             inst.running[rid] = fin
             heapq.heappush(inst.heap, (fin, rid))
             inst.kv_used += need

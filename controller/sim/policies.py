@@ -119,10 +119,14 @@ class Policy:
         self.ctx = ctx
 
     def initial(self) -> tuple[int, int]:
-        """Warm start shared by the dynamic policies: the model's fleet for the first 5 minutes."""
+        """Warm start shared by the dynamic policies: the model's fleet for the first 5 minutes' busiest minute."""
         rate, lin, lout, hit, samples = _trace_shape(self.ctx.trace, 0.0, 300.0)
         if rate <= 0:
             return 1, 1
+        # sized for the busiest minute of those five, as an operator sizes the fleet it starts from (the mean
+        # of a bursty stretch starts the fleet short, and the first scale-up then waits out a cold start)
+        first = self.ctx.trace.arrival_s[self.ctx.trace.arrival_s < 300.0]
+        rate = max(rate, float(np.bincount((first // 60.0).astype(np.int64)).max()) / 60.0)
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
         if self.ctx.mode is Mode.FIXED:
             return _fixed_split(self.ctx, t.n_prefill_exact, t.n_decode_exact, 1)

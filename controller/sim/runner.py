@@ -45,6 +45,8 @@ class Result:
     timeline: Timeline = field(default_factory=Timeline)
     met: np.ndarray | None = None  # per request: met both objectives
     arrival_s: np.ndarray | None = None
+    ttft_each_s: np.ndarray | None = None  # per request (NaN where it never finished)
+    tpot_each_ms: np.ndarray | None = None  # per request (NaN where it never finished)
     # flip reversals (an instance moved back to the role it just left within the window):
     # (time, instance, role returned to, seconds since it left, attainment of the minute before)
     reversals: list[tuple[float, int, str, float, float]] = field(default_factory=list)
@@ -190,6 +192,8 @@ def score(name: str, fleet: Fleet, ctx: SimContext, end: float, tl: Timeline, wa
         timeline=tl,
         met=met,
         arrival_s=fleet.arr,
+        ttft_each_s=np.where(done, ttft, np.nan),
+        tpot_each_ms=np.where(done, tpot_ms, np.nan),
         reversals=reversals,
         shed=fleet.shed,
         aborted=fleet.exhausted,

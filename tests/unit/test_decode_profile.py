@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.core.decode import DecodeProfile, decode_operating_point, join_wait_factor
+from controller.core.decode import DecodeProfile, decode_operating_point
 from controller.core.errors import InfeasibleError, ProfileError
 from controller.profiles import load_profile
 
@@ -39,21 +39,8 @@ def test_kv_capacity_bounds_batch() -> None:
 
 def test_throughput_is_batch_over_tpot() -> None:
     op = decode_operating_point(GRID, 16.0, input_len=900, output_len=200)
-    # batch 32 steps at exactly 16 ms; the half step a request waits to join leaves room for batch 31
-    assert op.batch == 31
-    assert op.tps == pytest.approx(1000 * 31 / GRID.tpot_ms_at(31, 1000))
-
-
-def test_operating_point_leaves_room_for_the_join_wait() -> None:
-    # L-1 decode tokens in L-1/2 steps: a request's TPOT is step * (L - 1/2) / (L - 1)
-    assert join_wait_factor(2) == pytest.approx(1.5)
-    assert join_wait_factor(201) == pytest.approx(200.5 / 200)
-    for out in (2, 5, 30, 400):
-        op = decode_operating_point(GRID, 20.0, input_len=900, output_len=out)
-        assert op.tpot_ms is not None and op.batch is not None
-        assert op.tpot_ms * join_wait_factor(out) <= 20.0 or op.batch == 1
-        if op.batch < 64:
-            assert GRID.tpot_ms_at(op.batch + 1, 900 + out / 2) * join_wait_factor(out) > 20.0
+    assert op.batch == 32
+    assert op.tps == pytest.approx(1000 * 32 / GRID.tpot_ms_at(32, 1000))
 
 
 def test_littles_law_fixed_point() -> None:

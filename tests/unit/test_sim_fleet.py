@@ -133,20 +133,24 @@ def test_mooncake_hashes_hit_the_prefix_cache_of_the_instance_that_served_them()
     assert f.pdone_s[1] - f.arr[1] < f.pdone_s[0] - f.arr[0]
 
 
-def test_a_request_joins_the_running_batch_at_the_next_step_boundary():
-    # SGLang (and the emulator) merge a new request into the batch between forward passes: one that
-    # lands mid-step waits for that step to end, so its L-1 decode tokens take more than L-1 steps
+def test_a_joiner_gets_its_first_token_at_the_next_step_boundary():
+    # SGLang sends a joiner's first token (computed by prefill) from a prebuilt batch run between forward
+    # passes, then merges it into the running batch: one whose KV lands mid-step waits for that step to end
+    # (in its TTFT) and then gets one token per step (its TPOT is the step time alone)
     prof = load_profile("llama2-70b-h100-tp8")
     step1 = prof.decode_curve.tpot_ms_at(1, 512 + 1000) / 1000
-    # A starts decoding alone at its join; B's prefill ends 0.3 steps into one of A's steps
+    # A decodes alone from its join; B's KV lands 5.3 steps later, 0.3 steps into one of A's steps
     tr = _trace(np.array([0.0, 0.0]), np.array([512, 512]), np.array([2001, 11]))
     f = Fleet(tr, prof, SimConfig(), 2, 1, overhead_s=0.0)
     f.kvx[:] = 0.0
-    f.kvx[1] = 5.3 * step1  # B's KV lands mid-step
+    f.kvx[1] = 5.3 * step1
     f.run_until(math.inf, 0)
     a_join, b_join = f.join_s
-    assert b_join - a_join == pytest.approx(5.3 * step1, rel=1e-6)
-    waited = f.done_s[1] - f.join_s[1]
-    steps = waited / prof.decode_curve.tpot_ms_at(2, 512 + 6) * 1000
-    # 10 decode tokens plus the 0.7 step left of the step in progress (step times of batch 1 and 2 differ a little)
-    assert 10.5 < steps < 10.9
+    assert b_join - a_join == pytest.approx(6.0 * step1, rel=1e-4)  # the first token at the boundary
+    step2 = prof.decode_curve.tpot_ms_at(2, 512 + 6) / 1000
+    assert f.tpot_of(np.array([1]))[0] == pytest.approx(step2, rel=0.02)  # then one step per token
+    # two requests reaching an idle instance together share their first step
+    tr2 = _trace(np.array([0.0, 0.0]), np.array([512, 512]), np.array([11, 11]))
+    f2 = Fleet(tr2, prof, SimConfig(), 2, 1, overhead_s=0.0)
+    f2.run_until(math.inf, 0)
+    assert f2.join_s[0] == pytest.approx(f2.join_s[1]) and f2.done_s[0] == pytest.approx(f2.done_s[1])
