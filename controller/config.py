@@ -152,6 +152,7 @@ class ControlConfig(_Section):
     min_samples: int = Field(20, ge=1, description="fewer completed requests in the window: insufficient_data")
     max_age_s: float = Field(120.0, gt=0, description="newest sample older than this: stale")
     tolerance: float = Field(0.1, ge=0, lt=1)
+    tolerance_up: float = Field(0.03, ge=0, lt=1)
     stabilization_up_s: float = Field(0.0, ge=0)
     stabilization_down_s: float = Field(300.0, ge=0)
     min_prefill: int = Field(1, ge=1)

@@ -25,6 +25,15 @@ def test_tolerance_band_keeps_current_inside_and_ceils_outside():
     assert tolerance_band(1, 0.01, 0.1) == (1, None)  # never below one
 
 
+def test_tolerance_band_above_current_can_be_narrower():
+    # a need above the current count predicts a breach: the band above is tolerance_up
+    assert tolerance_band(4, 4.3, 0.1, 0.0) == (5, None)
+    assert tolerance_band(4, 4.0, 0.1, 0.0) == (4, None)
+    assert tolerance_band(12, 10.9, 0.1, 0.0) == (12, Reason.WITHIN_TOLERANCE)  # the band below is unchanged
+    assert tolerance_band(10, 10.3, 0.1, 0.05) == (10, Reason.WITHIN_TOLERANCE)
+    assert tolerance_band(10, 10.6, 0.1, 0.05) == (11, None)
+
+
 def test_stabilize_up_takes_window_min_down_takes_window_max():
     recs = ((0.0, 6), (10.0, 3), (20.0, 8))
     # up window 5 s: only the latest (8) counts -> rise at once

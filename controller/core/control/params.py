@@ -22,7 +22,8 @@ class ControlParams:
     window_s: float = 60.0  # estimator sliding window
     min_samples: int = 20  # fewer completed requests in the window -> insufficient_data
     max_age_s: float = 120.0  # newest sample older than this -> stale
-    tolerance: float = 0.1  # HPA-style: ignore |target/current - 1| <= tolerance
+    tolerance: float = 0.1  # HPA-style: ignore a need down to current x (1 - tolerance)
+    tolerance_up: float = 0.03  # ... and up to current x (1 + tolerance_up): above it a breach is predicted
     stabilization_up_s: float = 0.0  # up: min over this window (0 = act at once)
     stabilization_down_s: float = 300.0  # down: max over this window
     min_prefill: int = 1
@@ -87,6 +88,8 @@ class ControlParams:
                 raise ModelInputError(name, v, "must be a non-negative number of seconds")
         if not (0 <= self.tolerance < 1):
             raise ModelInputError("tolerance", self.tolerance, "must be in [0, 1)")
+        if not (0 <= self.tolerance_up < 1):
+            raise ModelInputError("tolerance_up", self.tolerance_up, "must be in [0, 1)")
         for lo, hi in (("min_prefill", "max_prefill"), ("min_decode", "max_decode")):
             a, b = getattr(self, lo), getattr(self, hi)
             if a < 1:

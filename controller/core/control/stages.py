@@ -12,10 +12,17 @@ from controller.core.control.types import Reason
 Recs = tuple[tuple[float, int], ...]
 
 
-def tolerance_band(current: int, exact: float, tolerance: float) -> tuple[int, Reason | None]:
-    """Keep `current` while |exact/current - 1| <= tolerance; else the ceiling of the exact need."""
+def tolerance_band(current: int, exact: float, tolerance: float, tolerance_up: float | None = None) -> tuple[int, Reason | None]:
+    """Keep `current` while cur(1 - tolerance) <= exact <= cur(1 + tolerance_up); else the ceiling of the need.
+
+    HPA's band is symmetric. Above the current count the exact need is a predicted breach, not noise
+    around a utilisation target (a decode pool past B* misses TPOT on every request), so the band
+    above may be narrower (`tolerance_up`, default: symmetric); the up-stabilization window keeps a
+    brief excursion from growing the pool.
+    """
+    up = tolerance if tolerance_up is None else tolerance_up
     want = max(1, math.ceil(exact - 1e-9))
-    if current > 0 and abs(exact / current - 1.0) <= tolerance:
+    if current > 0 and -tolerance <= exact / current - 1.0 <= up:
         return current, (Reason.WITHIN_TOLERANCE if want != current else None)
     return want, None
 

@@ -366,7 +366,7 @@ def _pool_stages(
 ) -> tuple[int, stages.Recs]:
     p = cfg.params
     lo, hi = (p.min_prefill, p.max_prefill) if role is Role.PREFILL else (p.min_decode, p.max_decode)
-    n, r = stages.tolerance_band(cur, exact, p.tolerance)
+    n, r = stages.tolerance_band(cur, exact, p.tolerance, p.tolerance_up)
     if r is not None:
         decisions.append(Decision(role.value, r, f"need {exact:.2f}, have {cur}"))
     if thin and n < cur:
