@@ -294,13 +294,31 @@ class RecordingActuator:
         self.name = inner.name
         self.t0 = t0
         self.done: list[tuple[float, Any, Any]] = []  # (t_s, ActionResult, role or pool)
+        self.timings: dict[int, dict[str, float]] = {}  # id(ActionResult) -> seconds per flip phase
+        self._steps: dict[str, list[tuple[str, float]]] = {}
+        flipper = getattr(inner, "flipper", None)
+        if flipper is not None and getattr(flipper, "on_step", None) is None:
+            flipper.on_step = self._on_step  # the flipper's step hook: when each journaled step began
+
+    async def _on_step(self, rec: Any) -> None:
+        self._steps.setdefault(rec.worker, []).append((rec.step.value, time.monotonic() - self.t0))
 
     async def fleet(self) -> Any:
         return await self.inner.fleet()
 
     async def flip(self, worker: str, to_role: Any, reason: str) -> Any:
+        submitted = time.monotonic() - self.t0
+        self._steps[worker] = []
         r = await self.inner.flip(worker, to_role, reason)
-        self.done.append((time.monotonic() - self.t0, r, to_role))
+        done = time.monotonic() - self.t0
+        self.done.append((done, r, to_role))
+        at = dict(self._steps.pop(worker, []))
+        t: dict[str, float] = {"submitted_s": round(submitted, 2), "total_s": round(done - submitted, 2)}
+        if "drain" in at and "switch" in at:
+            t["drain_s"] = round(at["switch"] - at["drain"], 2)  # no new work until the last stream ended
+        if "switch" in at and "register" in at:
+            t["switch_s"] = round(at["register"] - at["switch"], 2)  # /pd_role_switch until healthy
+        self.timings[id(r)] = t
         return r
 
     async def scale(self, pool: Any, delta: int, reason: str) -> Any:
@@ -429,7 +447,7 @@ def summarize(client: Client, act: RecordingActuator, samples: list[Sample], fle
         "flips": sum(1 for r in flips if r.ok),
         "flip_failures": sum(1 for r in flips if not r.ok),
         "flip_log": [{"t_s": round(t, 1), "worker": r.target, "to": str(role), "ok": r.ok, "reason": r.reason,
-                      "detail": r.detail} for t, r, role in act.done],
+                      "detail": r.detail, **act.timings.get(id(r), {})} for t, r, role in act.done],
         "reaction_s": reaction(act, half_s),
         "final_prefill": fleet_end[0],
         "final_decode": fleet_end[1],
@@ -445,11 +463,15 @@ def summarize(client: Client, act: RecordingActuator, samples: list[Sample], fle
 
 
 def reaction(act: RecordingActuator, half_s: float) -> dict[str, float | None]:
-    """Seconds from each phase's start to the first flip that completed after it (drain and switch included)."""
+    """Seconds from each phase's start to the first flip that completed after it (drain and switch included),
+    and (`{phase}_submitted`) to the submission of that flip."""
     out: dict[str, float | None] = {}
     for name, lo, hi in (("code", 0.0, half_s), ("conv", half_s, 2 * half_s)):
-        ts = [t for t, r, _ in act.done if r.op == "flip" and r.ok and lo <= t < hi]
-        out[name] = round(min(ts) - lo, 1) if ts else None
+        done = [(t, r) for t, r, _ in act.done if r.op == "flip" and r.ok and lo <= t < hi]
+        first = min(done, key=lambda x: x[0]) if done else None
+        out[name] = round(first[0] - lo, 1) if first else None
+        sub = act.timings.get(id(first[1]), {}).get("submitted_s") if first else None
+        out[f"{name}_submitted"] = round(sub - lo, 1) if sub is not None else None
     return out
 
 
@@ -584,7 +606,8 @@ def print_summary(summ: dict[str, Any], out: TextIO) -> None:
     print(f"flips {summ['flips']} ok, {summ['flip_failures']} failed; final fleet "
           f"{summ['final_prefill']}P{summ['final_decode']}D", file=out)
     for f in summ["flip_log"]:
-        print(f"  t={f['t_s']:>5}s {f['worker']} -> {f['to']}: {'ok' if f['ok'] else 'FAILED'} ({f['reason']})",
+        took = "".join(f", {k.removesuffix('_s')} {f[k]}s" for k in ("drain_s", "switch_s", "total_s") if k in f)
+        print(f"  t={f['t_s']:>5}s {f['worker']} -> {f['to']}: {'ok' if f['ok'] else 'FAILED'} ({f['reason']}{took})",
               file=out)
     r = summ.get("reaction_s") or {}
 
