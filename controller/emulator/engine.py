@@ -307,12 +307,13 @@ class DecodeEngine:
                     s.first_sent = True
                     if not s.cancelled:
                         s.emit(0, start)
-            done_now = [s for s in batch if s.cancelled or s.generated >= s.output_tokens]
+            done_now = {id(s) for s in batch if s.cancelled or s.generated >= s.output_tokens}
             if done_now:
-                for s in done_now:
-                    self._release(s)
-                self.running = [s for s in self.running if s not in done_now]
-                batch = [s for s in batch if s not in done_now]
+                for s in batch:
+                    if id(s) in done_now:
+                        self._release(s)
+                self.running = [s for s in self.running if id(s) not in done_now]
+                batch = [s for s in batch if id(s) not in done_now]
                 if not batch:
                     self._admit()
                     continue
