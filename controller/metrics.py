@@ -50,6 +50,11 @@ class ControllerMetrics:
         )
         # fleet
         self.target_instances = Gauge(f"{PREFIX}target_instances", "Instances the controller wants, by role.", ["role"], registry=r)
+        self.needed_instances = Gauge(
+            f"{PREFIX}needed_instances",
+            "Exact (fractional) instances the plan needs, by role and by what reads it (plan, arrival_burst, running_batch).",
+            ["role", "source"], registry=r,
+        )
         self.current_instances = Gauge(f"{PREFIX}current_instances", "Instances serving now, by role.", ["role"], registry=r)
         # decisions and actions
         self.decisions = Counter(f"{PREFIX}decisions", "Decisions taken, by pool and reason.", ["pool", "reason"], registry=r)

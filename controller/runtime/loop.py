@@ -292,6 +292,12 @@ class TickLoop:
                 m.predicted_ttft.set(t.predicted_ttft_s)
             if t.predicted_tpot_ms is not None:
                 m.predicted_tpot.set(t.predicted_tpot_ms / 1000.0)
+            m.needed_instances.labels(role="prefill", source="plan").set(t.n_prefill_exact)
+            m.needed_instances.labels(role="decode", source="plan").set(t.n_decode_exact)
+            if t.prefill_backlog_need is not None:
+                m.needed_instances.labels(role="prefill", source="arrival_burst").set(t.prefill_backlog_need)
+            if t.decode_observed_need is not None:
+                m.needed_instances.labels(role="decode", source="running_batch").set(t.decode_observed_need)
             if est is not None and math.isfinite(est.input_len_mean):
                 m.prefill_tps.set(t.prefill_rate_per_instance_rps * est.input_len_mean)
                 m.decode_tps.set(t.decode_rate_per_instance_rps * est.output_len_mean)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from controller.core.backlog import backlog_need
 from controller.core.control import (
     Action,
     ActionKind,
@@ -128,11 +129,33 @@ class Policy:
         first = self.ctx.trace.arrival_s[self.ctx.trace.arrival_s < 300.0]
         rate = max(rate, float(np.bincount((first // 60.0).astype(np.int64)).max()) / 60.0)
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
+        # and for the work those minutes' arrivals bring at every time scale (core/backlog.py): a burst of
+        # the first minutes is in the fleet the operator starts from, as in the one the controller plans
+        pe = max(t.n_prefill_exact, self._first_backlog_need(hit))
+        t = replace(t, n_prefill_exact=pe, n_prefill=max(1, math.ceil(pe - 1e-9)))
         if self.ctx.mode is Mode.FIXED:
             return _fixed_split(self.ctx, t.n_prefill_exact, t.n_decode_exact, 1)
         prm = self.ctx.spec.params
         return (min(max(t.n_prefill, prm.min_prefill), prm.max_prefill),
                 min(max(t.n_decode, prm.min_decode), prm.max_decode))
+
+    def _first_backlog_need(self, hit: float) -> float:
+        """Prefill instances the busiest minute of the first five needs by its arrivals (fluid bound)."""
+        spec, tr = self.ctx.spec, self.ctx.trace
+        m = tr.arrival_s < 300.0
+        a = tr.arrival_s[m]
+        if a.size == 0:
+            return 0.0
+        order = np.argsort(a, kind="stable")
+        a = a[order]
+        svc = spec.hardware.profile.prefill.time_s(np.maximum(tr.input_tokens[m][order] * (1.0 - hit), 1.0))
+        q = spec.objectives.ttft_quantile or 0.5
+        best = 0.0
+        for k in range(5):
+            w = (a >= 60.0 * k) & (a < 60.0 * (k + 1))
+            if w.any():
+                best = max(best, backlog_need(a[w], svc[w], spec.objectives.ttft_budget_s, q))
+        return best
 
     def decide(self, now: float, obs: Observations) -> list[Action]:
         return []

@@ -127,7 +127,7 @@ async def test_metrics_parse_and_pass_promtool(api):
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     assert all(n.startswith("pdctl_") for n in fams if not n.startswith(("python_", "process_")))
     for name in ("pdctl_tick_duration_seconds", "pdctl_telemetry_dropped", "pdctl_target_instances",
-                 "pdctl_observed_arrival_rate_rps", "pdctl_decisions", "pdctl_actuations"):
+                 "pdctl_observed_arrival_rate_rps", "pdctl_decisions", "pdctl_actuations", "pdctl_needed_instances"):
         assert name in fams, name
     promtool = shutil.which("promtool")
     if promtool is None:

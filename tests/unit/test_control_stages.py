@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,3 +104,17 @@ def test_first_recommendation_is_seeded_with_the_current_count():
     # a fresh controller cannot scale down before a full down window agrees
     assert stabilize(recs, 30.0, 4, 0.0, 300.0)[0] == 4
     assert stabilize(record(recs, 331.0, 1, 300.0, current=4), 331.0, 4, 0.0, 300.0)[0] == 1
+
+
+def test_a_shrink_lands_well_inside_the_band_of_the_count_it_shrinks_to():
+    """Hysteresis: 8 -> 7 at a need of 7.0 would sit at 7's upward edge (7 x 1.03 = 7.21) and grow back on
+    the next noisy estimate; the shrink goes only where need x (1 + tolerance) still fits."""
+    assert tolerance_band(8, 7.0, 0.1, 0.03) == (8, Reason.WITHIN_TOLERANCE)
+    assert tolerance_band(8, 6.5, 0.1, 0.03) == (8, Reason.WITHIN_TOLERANCE)  # 6.5 x 1.1 = 7.15 > 7
+    assert tolerance_band(8, 6.3, 0.1, 0.03) == (7, None)
+    assert tolerance_band(8, 3.0, 0.1, 0.03) == (4, Reason.WITHIN_TOLERANCE)  # ceil(3.3): held one above 3
+    for cur in range(1, 30):
+        for need in np.linspace(0.1, 30.0, 300):
+            n, _ = tolerance_band(cur, float(need), 0.1, 0.03)
+            if n < cur:  # what it shrank to wants neither to grow at this need nor at one 3 % higher
+                assert tolerance_band(n, float(need) * 1.03, 0.1, 0.03)[0] == n

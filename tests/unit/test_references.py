@@ -84,3 +84,22 @@ def test_best_split_matches_exhaustive_search():
     assert s.best is not None and s.result is not None
     assert s.result.goodput_rps == pytest.approx(max(goodputs.values()))
     assert goodputs[s.best[0]] == pytest.approx(max(goodputs.values()))
+
+
+def test_the_warm_start_covers_the_first_minutes_bursts():
+    """The dynamic policies start from the model's fleet for the first five minutes, and at least the fleet
+    those minutes' arrivals need at every time scale: Azure code as recorded has second-scale bursts."""
+    from controller.core.backlog import backlog_need
+    from controller.sim.policies import make_policy
+
+    ctx, _ = _ctx([dict(trace=CODE, end_s=600)])
+    p0, _ = make_policy("slo", ctx).initial()
+    tr, spec = ctx.trace, ctx.spec
+    first = tr.arrival_s < 300.0
+    a = tr.arrival_s[first]
+    svc = spec.hardware.profile.prefill.time_s(np.maximum(tr.input_tokens[first] - tr.cached_tokens[first], 1.0))
+    busiest = max(backlog_need(a[(a >= 60 * k) & (a < 60 * (k + 1))], svc[(a >= 60 * k) & (a < 60 * (k + 1))],
+                               spec.objectives.ttft_budget_s, 0.99) for k in range(5))
+    mean_need = svc.sum() / 300.0
+    assert busiest > 2 * mean_need  # the trace is bursty at the second scale
+    assert p0 >= int(np.ceil(busiest - 0.05))

@@ -196,6 +196,36 @@ async def test_sidecar_drives_the_real_core_on_virtual_time(registry):
     assert not math.isnan(registry.get_sample_value("pdctl_forecast_max_rps"))
 
 
+async def test_the_plan_and_the_burst_bound_are_exported(registry):
+    """Completions only (no arrival events): the prefill burst bound is read from the completed requests."""
+    clock = ManualClock()
+    cfg = config_from_dict({
+        "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+        "slo": {"ttft_s": 2.0, "ttft_quantile": 0.99, "tpot_ms": 50.0},
+        "control": {"tick_period_s": 5.0, "window_s": 60.0, "min_samples": 20},
+        "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"]},
+    })
+    sc = Sidecar(cfg, registry=registry, clock=clock)
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        now = clock.now()
+        ev = empty_events(100)
+        ev["arrival_s"] = now - rng.uniform(0, 5, 100)
+        ev["input_tokens"], ev["output_tokens"] = 2000, 200
+        ev["ttft_s"], ev["tpot_s"], ev["e2e_s"], ev["status"] = 0.3, 0.03, 0.0, 200
+        sc.hub.add_events(ev, "tap", now)
+        await sc.loop.tick_once()
+        clock.advance(5.0)
+    model = sc.state()["target"]["model"]
+    assert model is not None
+    need = registry.get_sample_value("pdctl_needed_instances", {"role": "prefill", "source": "plan"})
+    assert need == pytest.approx(model["n_prefill_exact"])
+    burst = registry.get_sample_value("pdctl_needed_instances", {"role": "prefill", "source": "arrival_burst"})
+    assert burst == pytest.approx(model["prefill_backlog_need"]) and 0 < burst <= need + 1e-9
+    decode = registry.get_sample_value("pdctl_needed_instances", {"role": "decode", "source": "plan"})
+    assert decode == pytest.approx(model["n_decode_exact"])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -13,7 +13,8 @@ Recs = tuple[tuple[float, int], ...]
 
 
 def tolerance_band(current: int, exact: float, tolerance: float, tolerance_up: float | None = None) -> tuple[int, Reason | None]:
-    """Keep `current` while cur(1 - tolerance) <= exact <= cur(1 + tolerance_up); else the ceiling of the need.
+    """Keep `current` while cur(1 - tolerance) <= exact <= cur(1 + tolerance_up); else the ceiling of the need
+    (of need x (1 + tolerance) on the way down: the count shrunk to sits well inside its own band).
 
     HPA's band is symmetric. Above the current count the exact need is a predicted breach, not noise
     around a utilisation target (a decode pool past B* misses TPOT on every request), so the band
@@ -24,6 +25,11 @@ def tolerance_band(current: int, exact: float, tolerance: float, tolerance_up: f
     want = max(1, math.ceil(exact - 1e-9))
     if current > 0 and -tolerance <= exact / current - 1.0 <= up:
         return current, (Reason.WITHIN_TOLERANCE if want != current else None)
+    if current > 0 and want < current:
+        # hysteresis: shrink only to a count the need sits below by the band's width (HPA's 10 %), or
+        # the next excursion of a noisy estimate past n(1 + up) grows it straight back (n -> n+1 -> n)
+        held = min(current, max(1, math.ceil(exact * (1.0 + tolerance) - 1e-9)))
+        return held, (Reason.WITHIN_TOLERANCE if held > want else None)
     return want, None
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from controller.core.backlog import backlog_need
 from controller.core.control import stages
 from controller.core.control.calibration import (
     CalibrationState,
@@ -76,6 +77,7 @@ class ControllerState:
     rates: RateHist = ()  # observed load, held for safe scale-down
     observed_needs: tuple[tuple[float, float], ...] = ()  # (time, decode need from the running batch)
     busy: tuple[tuple[float, float], ...] = ()  # (time, busy instances = busy share x serving prefill)
+    backlogs: tuple[tuple[float, float], ...] = ()  # (time, prefill need read from the arrivals), held for scale-down
     last_estimates: Estimates | None = None
     shape: Shape | None = None  # workload shape the capacity was last computed for (sticky)
     ticks: int = 0
@@ -102,6 +104,11 @@ class Context:
     prefill_util_target: float | None  # the model's per-instance utilisation at the objective
     held_prefill_need: float  # instances the peak load held over the regrow time needs (model, no headroom)
     held_decode_need: float
+    held_prefill_backlog: float = 0.0  # the highest arrival-curve need of the regrow time (instances, no headroom)
+    # what each pool needs for the load observed now (not the forecast): a flip may take a serving
+    # instance only while the serving rest carries this; cold starts still pending serve nothing yet
+    now_prefill_need: float = 0.0
+    now_decode_need: float = 0.0
 
 
 def initial_state(cfg: ControlSpec, now: float) -> ControllerState:
@@ -283,6 +290,9 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
             predicted_q = model_target(
                 cfg, est.arrival_rate_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
                 calib.tpot_scale, at=(fleet.serving_prefill, fleet.serving_decode)).predicted_ttft_s
+        now_t = model_target(cfg, max(est.arrival_rate_rps, 1e-9), shape[0], shape[1], shape[2], shape[3],
+                             calib.prefill_scale, calib.tpot_scale,
+                             decode_rate_rps=max(est.arrival_rate_rps, est.peak_rate_rps))
     except (InfeasibleError, ModelInputError) as e:
         decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
         return result([], new_state, None, cur_p, cur_d)
@@ -292,6 +302,15 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     target, needs = _observed_decode_need(target, obs, state.observed_needs, now, min(p.observed_need_hold_s, lead))
     new_state = replace(new_state, observed_needs=needs)
     target = _with_headroom(target, feedback, decisions)
+    backlog = _arrivals_backlog_need(cfg, arrivals if covered_arrivals else None, window, now, est, calib.prefill_scale)
+    backlogs = tuple(b for b in state.backlogs if b[0] >= now - p.regrow_hold_s)
+    if backlog is not None:
+        backlogs = (*backlogs, (now, backlog))
+        # the bound is exact for the fluid pool and the model's error is elsewhere: no headroom on it
+        if backlog > target.n_prefill_exact:
+            target = replace(target, n_prefill_exact=backlog, n_prefill=max(1, math.ceil(backlog - 1e-9)))
+        target = replace(target, prefill_backlog_need=backlog)
+    new_state = replace(new_state, backlogs=backlogs)
     if thin is not None:
         decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin))
 
@@ -304,6 +323,9 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         decode_batch=obs.stats.decode_running_mean,
         prefill_util_target=_prefill_util_target(cfg, target, samples, est, calib.prefill_scale),
         held_prefill_need=held.n_prefill_exact, held_decode_need=held.n_decode_exact,
+        held_prefill_backlog=max((b for _, b in backlogs), default=0.0),
+        now_prefill_need=max(now_t.n_prefill_exact * feedback.prefill_headroom, backlog or 0.0),
+        now_decode_need=max(now_t.n_decode_exact, target.decode_observed_need or 0.0) * feedback.decode_headroom,
     )
     if p.mode is Mode.FIXED:
         return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result, ctx)
@@ -322,6 +344,28 @@ def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decis
     pe, de = target.n_prefill_exact * hp, target.n_decode_exact * hd
     return replace(target, n_prefill_exact=pe, n_decode_exact=de,
                    n_prefill=max(1, math.ceil(pe - 1e-9)), n_decode=max(1, math.ceil(de - 1e-9)))
+
+
+def _arrivals_backlog_need(cfg: ControlSpec, arrivals: ArrivalWindow | None, window: EventWindow, now: float,
+                           est: Estimates, scale: float) -> float | None:
+    """Prefill instances the window's arrivals need at every time scale (core/backlog.py).
+
+    Read from the arrivals (the leading indicator: a burst shows as it arrives) when the tap reports
+    them; otherwise from the completed requests, which show the same burst one request lifetime later.
+    """
+    p, obj = cfg.params, cfg.objectives
+    t0 = now - p.window_s
+    if arrivals is not None:
+        t, inp, _, _ = arrivals.since(t0)
+        uncached = inp * (1.0 - est.cache_hit_rate)
+    else:
+        w = window.since(t0)
+        t, uncached = w.arrival_s, w.input_tokens - w.cached_tokens
+    if t.size < p.min_samples:
+        return None
+    order = np.argsort(t, kind="stable")
+    svc = cfg.hardware.profile.prefill.time_s(np.maximum(uncached[order], 1.0)) * scale
+    return backlog_need(t[order], svc, obj.ttft_budget_s, obj.ttft_quantile or 0.5)
 
 
 def _prefill_util_target(cfg: ControlSpec, target: ModelTarget, samples: tuple[float, ...], est: Estimates,
@@ -382,15 +426,20 @@ def _pool_stages(
 
 
 def _safe_down(role: Role, cur: int, want: int, target: ModelTarget, ctx: Context, fb: FeedbackState,
-               decisions: list[Decision]) -> int:
-    """Stage after bounds: a shrink must hold the peak load of the regrow time and the observed load."""
+               decisions: list[Decision], hold: bool = True) -> int:
+    """Stage after bounds: a shrink must hold the peak load of the regrow time and the observed load.
+
+    `hold=False` (a flip to a pool that misses its objective now): a miss that is certain outweighs one
+    that may come back, so only the load observed now must fit.
+    """
     if want >= cur:
         return want
     if role is Role.PREFILL:
-        floor = safe_down_floor(ctx.held_prefill_need, fb.prefill_headroom)
+        floor = max(safe_down_floor(ctx.held_prefill_need, fb.prefill_headroom),
+                    math.ceil(ctx.held_prefill_backlog - 1e-9)) if hold else 1
         util, util_target = ctx.prefill_busy, ctx.prefill_util_target
     else:
-        floor = safe_down_floor(ctx.held_decode_need, fb.decode_headroom)
+        floor = safe_down_floor(ctx.held_decode_need, fb.decode_headroom) if hold else 1
         util, util_target = ctx.decode_batch, target.decode_batch_target
     n = min(cur, max(want, floor))
     if n < cur and not consolidation_ok(util, cur, n, util_target):
@@ -400,9 +449,27 @@ def _safe_down(role: Role, cur: int, want: int, target: ModelTarget, ctx: Contex
     elif n > want:
         decisions.append(Decision(role.value, Reason.SCALE_DOWN_RISK,
                                   f"peak of the regrow window needs {floor}; holding {n} (wanted {want})"))
-    if breaching(ctx.burn, role is Role.PREFILL):
+    if _gives_while_breaching(role, cur, target, ctx):
         n = cur  # never give up capacity while the pool's own objective is missed
     return n
+
+
+def _gives_while_breaching(role: Role, cur: int, target: ModelTarget, ctx: Context) -> bool:
+    """The pool misses its own objective and its observed load needs every instance it has.
+
+    A pool whose observed load would fit one instance fewer is not missing for want of capacity: a
+    prefill pool idling while requests wait for decode memory shows TTFT misses that its size cannot
+    mend, and holding it whole would keep the short pool short (in a fixed budget, for good).
+    """
+    if not breaching(ctx.burn, role is Role.PREFILL):
+        return False
+    if role is Role.PREFILL:
+        util, util_target = ctx.prefill_busy, ctx.prefill_util_target
+    else:
+        util, util_target = ctx.decode_batch, target.decode_batch_target
+    if util is None or util_target is None or cur <= 1:
+        return True
+    return not consolidation_ok(util, cur, cur - 1, util_target)
 
 
 def _reversal_blocked(role: Role, ctx: Context, now: float, cfg: ControlSpec) -> bool:
@@ -433,15 +500,17 @@ def _tick_elastic(
     h = ctx.history
     flips_ok = stages.flips_allowed(fleet.flips_in_flight, h.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
     flip_faster = p.flip_lead_s < p.cold_start_s
-    for role, short, other_cur, other_need, other_serving in (
-        (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode),
-        (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill),
+    for role, short, other_cur, other_need, other_serving, other_now in (
+        (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode, ctx.now_decode_need),
+        (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill, ctx.now_prefill_need),
     ):
         # a flip takes a serving instance, and leaves the other pool at or above its need; the giving
         # pool shrinks, so it passes the same safety stage as a scale-down (peak hold, observed load)
         donor = Role.DECODE if role is Role.PREFILL else Role.PREFILL
-        keep = _safe_down(donor, other_cur, other_need, target, ctx, st.feedback, decisions) if short > 0 else other_cur
-        surplus = min(other_cur - keep, other_serving - 1)
+        keep = _safe_down(donor, other_cur, other_need, target, ctx, st.feedback, decisions,
+                          hold=not breaching(ctx.burn, role is Role.PREFILL)) if short > 0 else other_cur
+        # (with the tolerance band as margin: a donor left exactly at the load's need runs at its edge)
+        surplus = min(other_cur - keep, other_serving - max(1, math.ceil(other_now * (1.0 + p.tolerance) - 1e-9)))
         if short > 0 and surplus > 0 and flip_faster and not thin:
             n = min(short, surplus)
             if _reversal_blocked(role, ctx, now, cfg):
@@ -523,7 +592,8 @@ def _tick_fixed(
         decisions.append(Decision("fleet", Reason.WITHIN_TOLERANCE,
                                   f"cover {cover_cur:.2f} vs best {cover_best:.2f} at {best}P{total - best}D"))
         want = cur_p
-    elif best != cur_p and breaching(ctx.burn, best < cur_p):
+    elif best != cur_p and _gives_while_breaching(Role.PREFILL if best < cur_p else Role.DECODE,
+                                                  cur_p if best < cur_p else cur_d, target, ctx):
         # the pool that would give an instance up misses its own objective now
         decisions.append(Decision("fleet", Reason.SLO_BREACH, "the giving pool misses its objective"))
         want = cur_p

@@ -177,6 +177,7 @@ class ModelTarget:
     decode_rate_per_instance_rps: float
     decode_batch_target: float | None = None  # mean batch per decode instance the plan aims at
     decode_observed_need: float | None = None  # decode instances the observed running batch calls for
+    prefill_backlog_need: float | None = None  # prefill instances the window's arrivals call for (core/backlog.py)
 
 
 @dataclass(frozen=True)
