@@ -139,10 +139,26 @@ def _timeline(r: Result, ctx: SimContext) -> dict[str, list[float]]:
     }
 
 
+def startup_s(ctx: SimContext) -> float:
+    """A dynamic policy's start-up: one estimator window to see the load, then one lead time (a cold
+    start, or a flip in a fixed budget) before what it asked for serves. Misses before it are the
+    start from a guessed fleet; a controller running beside production has history instead."""
+    p = ctx.spec.params
+    return p.window_s + p.lead_s
+
+
+def _attainment_after(r: Result, t0: float) -> float | None:
+    if r.met is None or r.arrival_s is None:
+        return None
+    m = r.arrival_s >= t0
+    return round(float(r.met[m].mean()), 6) if m.any() else None
+
+
 def _result_dict(r: Result, ctx: SimContext) -> dict[str, Any]:
     d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.summary().items()}
     d.update(label=r.policy, wall_s=round(r.wall_s, 3), timeline=_timeline(r, ctx),
              minute_attainment=_minute_attainment(r),
+             startup_s=startup_s(ctx), attainment_after_startup=_attainment_after(r, startup_s(ctx)),
              reversals=[{"t": t, "instance": i, "to": role, "after_s": dt, "attainment_before": att}
                         for t, i, role, dt, att in r.reversals])
     return d
@@ -346,7 +362,10 @@ def evaluate(sc: Scenario, jobs: list[dict[str, Any]]) -> dict[str, Any]:
         row["slo_misses"] = {"ttft": slo.get("missed_ttft"), "tpot": slo.get("missed_tpot"),
                              "unfinished": slo.get("unfinished"), "shed": slo.get("shed"),
                              "minutes_below_target": sum(1 for a in ma if a is not None and a < target),
-                             "worst_minutes": [{"minute": m, "attainment": a} for a, m in worst]}
+                             "worst_minutes": [{"minute": m, "attainment": a} for a, m in worst],
+                             "startup_s": slo.get("startup_s"),
+                             "attainment_after_startup": slo.get("attainment_after_startup"),
+                             "static_best_after_startup": (row.get("static_best") or {}).get("attainment_after_startup")}
     row["checks"] = checks
     return row
 
@@ -435,6 +454,10 @@ def render_markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: d
             out.append(f"- slo misses: {m['ttft']} TTFT, {m['tpot']} TPOT, {m['unfinished']} unfinished "
                        f"({m['shed']} shed at the gate); {m['minutes_below_target']} minutes below target"
                        + (f"; worst: {worst}" if worst else ""))
+            after, sb_after = m.get("attainment_after_startup"), m.get("static_best_after_startup")
+            if after is not None and m.get("startup_s") is not None:
+                out.append(f"- after the start-up (window + one lead time, t >= {m['startup_s']:g} s): slo {after:.2%}"
+                           + (f", static-best {sb_after:.2%}" if sb_after is not None else ""))
         if r.get("errors"):
             for k, e in r["errors"].items():
                 out.append(f"- error in {k}: {e}")

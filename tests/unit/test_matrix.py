@@ -62,11 +62,20 @@ oracle_window_s: 120
     assert e["best_baseline"].split("@")[0] in ("static", "static-peak", "threshold", "throughput")
     for k in ("attainment", "no_flip_reversal_5min", "beyond_frontier", "gpu_le_1.2x_oracle"):
         assert k in e["checks"] and e["checks"][k]["pass"] in (True, False, None)
+    # where slo's misses are, and the share it serves after its start-up (window + one cold start)
+    m = e["slo_misses"]
+    assert m["startup_s"] == 60.0 + 60.0
+    slo_res = e["slo"]
+    assert slo_res["startup_s"] == 120.0 and 0.0 <= m["attainment_after_startup"] <= 1.0
+    assert m["attainment_after_startup"] == slo_res["attainment_after_startup"]
+    assert m["static_best_after_startup"] == e["static_best"]["attainment_after_startup"]
     f = rows["tiny-fixed"]
+    assert f["slo_misses"]["startup_s"] == 60.0 + 10.0 + 2.0  # window + drain + flip
     assert "goodput_1.2x_static_best" in f["checks"] and "goodput_1.1x_others" in f["checks"]
     assert f["static_best_fleet"][0] + f["static_best_fleet"][1] == 6
     md = (out / "report.md").read_text()
     assert "| tiny-elastic | elastic |" in md and "| tiny-fixed | fixed 48 GPUs |" in md
+    assert "after the start-up (window + one lead time, t >= 120 s): slo " in md
     compact = (out / "readme_table.md").read_text().splitlines()
     assert len(compact) == 2 + 2 and compact[2].startswith("| tiny-elastic |")
     for name in rows:
