@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from prometheus_client import CollectorRegistry
+
+# CI (a clean checkout, `CI` set): property tests draw the same examples on every run, so a run is
+# reproducible and a red CI is a regression, not a new random draw; locally they explore afresh and
+# keep failing examples in .hypothesis/.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 REPO = Path(__file__).resolve().parent.parent
 PROFILES = REPO / "configs" / "profiles"

@@ -43,3 +43,13 @@ def test_mypy_strict_on_core() -> None:
 def test_core_imports_no_io() -> None:
     proc = _run("lint-imports")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_property_tests_are_reproducible_in_ci() -> None:
+    """CI draws the same hypothesis examples every run (tests/conftest.py); locally they explore."""
+    import os
+
+    from hypothesis import settings
+
+    assert settings.get_profile("ci").derandomize is True
+    assert settings.default.derandomize is bool(os.environ.get("CI"))
