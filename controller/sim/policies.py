@@ -119,14 +119,22 @@ class Policy:
     def __init__(self, ctx: SimContext) -> None:
         self.ctx = ctx
 
+    @property
+    def warm_start_s(self) -> float:
+        """The stretch the starting fleet must carry alone: until a policy has seen one estimator window
+        and one lead time (a cold start, or a flip) has passed, nothing it asks for serves; at least 5 min."""
+        p = self.ctx.spec.params
+        return max(300.0, p.window_s + p.lead_s)
+
     def initial(self) -> tuple[int, int]:
-        """Warm start shared by the dynamic policies: the model's fleet for the first 5 minutes' busiest minute."""
-        rate, lin, lout, hit, samples = _trace_shape(self.ctx.trace, 0.0, 300.0)
+        """Warm start shared by the dynamic policies: the model's fleet for the busiest minute of the start-up."""
+        horizon = self.warm_start_s
+        rate, lin, lout, hit, samples = _trace_shape(self.ctx.trace, 0.0, horizon)
         if rate <= 0:
             return 1, 1
-        # sized for the busiest minute of those five, as an operator sizes the fleet it starts from (the mean
+        # sized for the busiest minute of those, as an operator sizes the fleet it starts from (the mean
         # of a bursty stretch starts the fleet short, and the first scale-up then waits out a cold start)
-        first = self.ctx.trace.arrival_s[self.ctx.trace.arrival_s < 300.0]
+        first = self.ctx.trace.arrival_s[self.ctx.trace.arrival_s < horizon]
         rate = max(rate, float(np.bincount((first // 60.0).astype(np.int64)).max()) / 60.0)
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
         # and for the work those minutes' arrivals bring at every time scale (core/backlog.py): a burst of
@@ -140,9 +148,9 @@ class Policy:
                 min(max(t.n_decode, prm.min_decode), prm.max_decode))
 
     def _first_backlog_need(self, hit: float) -> float:
-        """Prefill instances the busiest minute of the first five needs by its arrivals (fluid bound)."""
+        """Prefill instances the busiest minute of the start-up needs by its arrivals (fluid bound)."""
         spec, tr = self.ctx.spec, self.ctx.trace
-        m = tr.arrival_s < 300.0
+        m = tr.arrival_s < self.warm_start_s
         a = tr.arrival_s[m]
         if a.size == 0:
             return 0.0
@@ -151,7 +159,7 @@ class Policy:
         svc = spec.hardware.profile.prefill.time_s(np.maximum(tr.input_tokens[m][order] * (1.0 - hit), 1.0))
         q = spec.objectives.ttft_quantile or 0.5
         best = 0.0
-        for k in range(5):
+        for k in range(math.ceil(self.warm_start_s / 60.0)):
             w = (a >= 60.0 * k) & (a < 60.0 * (k + 1))
             if w.any():
                 best = max(best, backlog_need(a[w], svc[w], spec.objectives.ttft_budget_s, q))

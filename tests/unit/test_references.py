@@ -92,9 +92,12 @@ def test_the_warm_start_covers_the_first_minutes_bursts():
     from controller.core.backlog import backlog_need
     from controller.sim.policies import make_policy
 
-    ctx, _ = _ctx([dict(trace=CODE, end_s=600)])
-    p0, _ = make_policy("slo", ctx).initial()
+    ctx, _ = _ctx([dict(trace=CODE, end_s=900)])
+    pol = make_policy("slo", ctx)
+    p0, _ = pol.initial()
     tr, spec = ctx.trace, ctx.spec
+    # the starting fleet carries the load alone until one window and one cold start have passed
+    assert pol.warm_start_s == max(300.0, spec.params.window_s + spec.params.cold_start_s)
     first = tr.arrival_s < 300.0
     a = tr.arrival_s[first]
     svc = spec.hardware.profile.prefill.time_s(np.maximum(tr.input_tokens[first] - tr.cached_tokens[first], 1.0))
