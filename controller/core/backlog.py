@@ -34,7 +34,7 @@ import math
 import numpy as np
 
 from controller.core.errors import ModelInputError
-from controller.core.prefill import FloatArray
+from controller.core.prefill import FloatArray, PrefillCurve
 
 
 def fluid_sojourns_s(arrival_s: FloatArray, service_s: FloatArray, capacity: float) -> FloatArray:
@@ -73,3 +73,14 @@ def backlog_need(arrival_s: FloatArray, service_s: FloatArray, budget_s: float, 
         mid = math.sqrt(lo * hi)
         lo, hi = (lo, mid) if enough(mid) else (mid, hi)
     return hi
+
+
+def prefill_backlog_need(curve: PrefillCurve, arrival_s: FloatArray, uncached_tokens: FloatArray, budget_s: float,
+                         quantile: float | None, service_scale: float = 1.0) -> float:
+    """`backlog_need` for requests given by arrival time and uncached input tokens (any order): each
+    one's service is the profile's prefill time at its tokens, times the calibrated scale; a mean-TTFT
+    objective (no quantile) asks for the median request."""
+    order = np.argsort(np.asarray(arrival_s, dtype=np.float64), kind="stable")
+    a = np.asarray(arrival_s, dtype=np.float64)[order]
+    svc = curve.time_s(np.maximum(np.asarray(uncached_tokens, dtype=np.float64)[order], 1.0)) * service_scale
+    return backlog_need(a, svc, budget_s, quantile or 0.5)

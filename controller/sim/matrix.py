@@ -139,14 +139,6 @@ def _timeline(r: Result, ctx: SimContext) -> dict[str, list[float]]:
     }
 
 
-def startup_s(ctx: SimContext) -> float:
-    """A dynamic policy's start-up: one estimator window to see the load, then one lead time (a cold
-    start, or a flip in a fixed budget) before what it asked for serves. Misses before it are the
-    start from a guessed fleet; a controller running beside production has history instead."""
-    p = ctx.spec.params
-    return p.window_s + p.lead_s
-
-
 def _attainment_after(r: Result, t0: float) -> float | None:
     if r.met is None or r.arrival_s is None:
         return None
@@ -158,7 +150,10 @@ def _result_dict(r: Result, ctx: SimContext) -> dict[str, Any]:
     d = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in r.summary().items()}
     d.update(label=r.policy, wall_s=round(r.wall_s, 3), timeline=_timeline(r, ctx),
              minute_attainment=_minute_attainment(r),
-             startup_s=startup_s(ctx), attainment_after_startup=_attainment_after(r, startup_s(ctx)),
+             # misses before the start-up are the start from a guessed fleet (a controller running beside
+             # production has history instead)
+             startup_s=ctx.spec.params.startup_s,
+             attainment_after_startup=_attainment_after(r, ctx.spec.params.startup_s),
              reversals=[{"t": t, "instance": i, "to": role, "after_s": dt, "attainment_before": att}
                         for t, i, role, dt, att in r.reversals])
     return d

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from controller.core.backlog import backlog_need
+from controller.core.backlog import prefill_backlog_need
 from controller.core.control import (
     Action,
     ActionKind,
@@ -121,10 +121,8 @@ class Policy:
 
     @property
     def warm_start_s(self) -> float:
-        """The stretch the starting fleet must carry alone: until a policy has seen one estimator window
-        and one lead time (a cold start, or a flip) has passed, nothing it asks for serves; at least 5 min."""
-        p = self.ctx.spec.params
-        return max(300.0, p.window_s + p.lead_s)
+        """The stretch the starting fleet must carry alone (the controller's start-up), at least 5 min."""
+        return max(300.0, self.ctx.spec.params.startup_s)
 
     def initial(self) -> tuple[int, int]:
         """Warm start shared by the dynamic policies: the model's fleet for the busiest minute of the start-up."""
@@ -150,19 +148,13 @@ class Policy:
     def _first_backlog_need(self, hit: float) -> float:
         """Prefill instances the busiest minute of the start-up needs by its arrivals (fluid bound)."""
         spec, tr = self.ctx.spec, self.ctx.trace
-        m = tr.arrival_s < self.warm_start_s
-        a = tr.arrival_s[m]
-        if a.size == 0:
-            return 0.0
-        order = np.argsort(a, kind="stable")
-        a = a[order]
-        svc = spec.hardware.profile.prefill.time_s(np.maximum(tr.input_tokens[m][order] * (1.0 - hit), 1.0))
-        q = spec.objectives.ttft_quantile or 0.5
+        a, uncached = tr.arrival_s, tr.input_tokens * (1.0 - hit)
         best = 0.0
         for k in range(math.ceil(self.warm_start_s / 60.0)):
-            w = (a >= 60.0 * k) & (a < 60.0 * (k + 1))
+            w = (a >= 60.0 * k) & (a < min(60.0 * (k + 1), self.warm_start_s))
             if w.any():
-                best = max(best, backlog_need(a[w], svc[w], spec.objectives.ttft_budget_s, q))
+                best = max(best, prefill_backlog_need(spec.hardware.profile.prefill, a[w], uncached[w],
+                                                      spec.objectives.ttft_budget_s, spec.objectives.ttft_quantile))
         return best
 
     def decide(self, now: float, obs: Observations) -> list[Action]:

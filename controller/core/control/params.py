@@ -126,6 +126,12 @@ class ControlParams:
         return self.drain_s + self.flip_time_s
 
     @property
+    def startup_s(self) -> float:
+        """Until one estimator window has been seen and one lead time has passed, nothing the controller
+        asks for serves: the fleet it starts on carries the load alone."""
+        return self.window_s + self.lead_s
+
+    @property
     def history_s(self) -> float:
         return max(self.window_s, self.up_window_s, self.stabilization_down_s)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from controller.core.backlog import backlog_need
+from controller.core.backlog import prefill_backlog_need
 from controller.core.control import stages
 from controller.core.control.calibration import (
     CalibrationState,
@@ -363,9 +363,7 @@ def _arrivals_backlog_need(cfg: ControlSpec, arrivals: ArrivalWindow | None, win
         t, uncached = w.arrival_s, w.input_tokens - w.cached_tokens
     if t.size < p.min_samples:
         return None
-    order = np.argsort(t, kind="stable")
-    svc = cfg.hardware.profile.prefill.time_s(np.maximum(uncached[order], 1.0)) * scale
-    return backlog_need(t[order], svc, obj.ttft_budget_s, obj.ttft_quantile or 0.5)
+    return prefill_backlog_need(cfg.hardware.profile.prefill, t, uncached, obj.ttft_budget_s, obj.ttft_quantile, scale)
 
 
 def _prefill_util_target(cfg: ControlSpec, target: ModelTarget, samples: tuple[float, ...], est: Estimates,
