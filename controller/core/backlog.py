@@ -1,4 +1,4 @@
-"""Prefill capacity read from the arrivals themselves: the work that arrived, at every time scale.
+"""Prefill and decode capacity read from the arrivals themselves: the work that arrived, at every time scale.
 
 The queueing models (M/G/1, M/G/c) assume Poisson arrivals. Production code
 traffic is not: the Azure code trace delivers 60 requests in one second and
@@ -25,6 +25,19 @@ It is a lower bound for discrete instances (a request runs on one instance;
 c slow servers are never faster than one c-fast server), so it complements
 the queueing model, which covers the Poisson-scale randomness of a few
 servers: the plan takes the larger of the two.
+
+Decode has no queue to absorb a burst: the burst reaches it as fast as the
+prefill pool releases it. Run the same fluid prefill pool (capacity c, the
+prefill the plan serves with) to get each request's release time
+d_i = a_i + D_i, let each decode for its output length at the objective's
+TPOT (the boundary a sized pool runs at), and count the concurrent
+requests B(t). A request's TPOT is the mean of the step times over its
+life, so what it sees is its mean concurrency m_i = (1/L_i) integral of
+B over [d_i, d_i + L_i]; n instances keep it within the objective while
+m_i / n <= b* (the batch per instance at the TPOT objective). The pool
+size at which a share q of the requests see that is the q-quantile of
+m_i / b*: no search, the condition is linear in n. Requests near the
+window's ends miss neighbours outside it, so their m_i reads low: a floor.
 """
 
 from __future__ import annotations
@@ -82,5 +95,70 @@ def prefill_backlog_need(curve: PrefillCurve, arrival_s: FloatArray, uncached_to
     objective (no quantile) asks for the median request."""
     order = np.argsort(np.asarray(arrival_s, dtype=np.float64), kind="stable")
     a = np.asarray(arrival_s, dtype=np.float64)[order]
-    svc = curve.time_s(np.maximum(np.asarray(uncached_tokens, dtype=np.float64)[order], 1.0)) * service_scale
+    svc = _service_s(curve, np.asarray(uncached_tokens, dtype=np.float64)[order], service_scale)
     return backlog_need(a, svc, budget_s, quantile or 0.5)
+
+
+def mean_concurrency(start_s: FloatArray, duration_s: FloatArray) -> FloatArray:
+    """Each interval's mean count of intervals open over it (itself included), exactly.
+
+    With S(t) = integral over [0, t] of the open count = sum over starts s <= t of (t - s) minus
+    sum over ends e <= t of (t - e), interval i's mean is (S(e_i) - S(s_i)) / (e_i - s_i): two sorted
+    prefix sums and four searches, O(n log n).
+    """
+    s = np.asarray(start_s, dtype=np.float64)
+    d = np.asarray(duration_s, dtype=np.float64)
+    if s.shape != d.shape:
+        raise ModelInputError("duration_s", d.shape, f"needs one duration per start ({s.shape})")
+    if s.size and not np.all(d > 0):
+        raise ModelInputError("duration_s", float(d.min()), "must be positive")
+    e = s + d
+    ss, es = np.sort(s), np.sort(e)
+    ps = np.concatenate(([0.0], np.cumsum(ss)))
+    pe = np.concatenate(([0.0], np.cumsum(es)))
+
+    def integral(t: FloatArray) -> FloatArray:
+        k = np.searchsorted(ss, t, side="right")
+        j = np.searchsorted(es, t, side="right")
+        return np.asarray((k * t - ps[k]) - (j * t - pe[j]), dtype=np.float64)
+
+    return np.asarray((integral(e) - integral(s)) / d, dtype=np.float64)
+
+
+def decode_backlog_need(arrival_s: FloatArray, prefill_service_s: FloatArray, decode_s: FloatArray,
+                        prefill_capacity: float, batch_target: float, quantile: float) -> float:
+    """Decode instances at which a share `quantile` of these requests decode at <= `batch_target`
+    requests per instance, on average over their life, when a fluid prefill pool of `prefill_capacity`
+    instances releases them (see the module docstring). `arrival_s` sorted ascending; `decode_s` each
+    request's decode time at the TPOT objective."""
+    if not (prefill_capacity > 0 and math.isfinite(prefill_capacity)):
+        raise ModelInputError("prefill_capacity", prefill_capacity, "must be a positive number of instances")
+    if not (batch_target > 0 and math.isfinite(batch_target)):
+        raise ModelInputError("batch_target", batch_target, "must be a positive batch size")
+    if not (0.0 < quantile <= 1.0):
+        raise ModelInputError("quantile", quantile, "must be in (0, 1]")
+    a = np.asarray(arrival_s, dtype=np.float64)
+    if a.size == 0:
+        return 0.0
+    release = a + fluid_sojourns_s(a, np.asarray(prefill_service_s, dtype=np.float64), prefill_capacity)
+    m = np.sort(mean_concurrency(release, np.asarray(decode_s, dtype=np.float64)))
+    # the share q of requests: the ceil(q n)-th smallest mean concurrency (as prefill's need_met)
+    return float(m[max(0, math.ceil(quantile * m.size - 1e-9) - 1)]) / batch_target
+
+
+def decode_arrivals_need(curve: PrefillCurve, arrival_s: FloatArray, uncached_tokens: FloatArray,
+                         output_tokens: FloatArray, tpot_s: float, prefill_capacity: float, batch_target: float,
+                         quantile: float, service_scale: float = 1.0) -> float:
+    """`decode_backlog_need` for requests given by arrival time, uncached input and output tokens (any
+    order): prefill service from the profile (times the calibrated scale), decode time = output x TPOT."""
+    if not (tpot_s > 0 and math.isfinite(tpot_s)):
+        raise ModelInputError("tpot_s", tpot_s, "must be a positive number of seconds")
+    order = np.argsort(np.asarray(arrival_s, dtype=np.float64), kind="stable")
+    a = np.asarray(arrival_s, dtype=np.float64)[order]
+    svc = _service_s(curve, np.asarray(uncached_tokens, dtype=np.float64)[order], service_scale)
+    dec = np.maximum(np.asarray(output_tokens, dtype=np.float64)[order], 1.0) * tpot_s
+    return decode_backlog_need(a, svc, dec, prefill_capacity, batch_target, quantile)
+
+
+def _service_s(curve: PrefillCurve, uncached_tokens: FloatArray, scale: float) -> FloatArray:
+    return np.asarray(curve.time_s(np.maximum(uncached_tokens, 1.0)) * scale, dtype=np.float64)

@@ -296,6 +296,8 @@ class TickLoop:
             m.needed_instances.labels(role="decode", source="plan").set(t.n_decode_exact)
             if t.prefill_backlog_need is not None:
                 m.needed_instances.labels(role="prefill", source="arrival_burst").set(t.prefill_backlog_need)
+            if t.decode_backlog_need is not None:
+                m.needed_instances.labels(role="decode", source="arrival_burst").set(t.decode_backlog_need)
             if t.decode_observed_need is not None:
                 m.needed_instances.labels(role="decode", source="running_batch").set(t.decode_observed_need)
             if est is not None and math.isfinite(est.input_len_mean):

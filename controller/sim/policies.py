@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from controller.core.backlog import prefill_backlog_need
+from controller.core.backlog import decode_arrivals_need, prefill_backlog_need
 from controller.core.control import (
     Action,
     ActionKind,
@@ -45,6 +45,7 @@ from controller.core.control import (
 )
 from controller.core.control.model import model_target
 from controller.core.control.stages import best_split, record, stabilize
+from controller.core.control.types import ModelTarget
 from controller.core.prefill import QueueModel
 from controller.core.sizing import Hardware, Workload, instance_capacity
 from controller.sim.traces import Trace
@@ -137,25 +138,37 @@ class Policy:
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
         # and for the work those minutes' arrivals bring at every time scale (core/backlog.py): a burst of
         # the first minutes is in the fleet the operator starts from, as in the one the controller plans
-        pe = max(t.n_prefill_exact, self._first_backlog_need(hit))
-        t = replace(t, n_prefill_exact=pe, n_prefill=max(1, math.ceil(pe - 1e-9)))
+        pe, de = self._first_backlog_needs(hit, t)
+        pe = max(t.n_prefill_exact, pe)
+        de = max(t.n_decode_exact, de)
+        t = replace(t, n_prefill_exact=pe, n_prefill=max(1, math.ceil(pe - 1e-9)),
+                    n_decode_exact=de, n_decode=max(1, math.ceil(de - 1e-9)))
         if self.ctx.mode is Mode.FIXED:
             return _fixed_split(self.ctx, t.n_prefill_exact, t.n_decode_exact, 1)
         prm = self.ctx.spec.params
         return (min(max(t.n_prefill, prm.min_prefill), prm.max_prefill),
                 min(max(t.n_decode, prm.min_decode), prm.max_decode))
 
-    def _first_backlog_need(self, hit: float) -> float:
-        """Prefill instances the busiest minute of the start-up needs by its arrivals (fluid bound)."""
+    def _first_backlog_needs(self, hit: float, t: ModelTarget) -> tuple[float, float]:
+        """Prefill, then decode instances the busiest minute of the start-up needs by its arrivals (the
+        fluid bounds of core/backlog.py; decode fed by the prefill those bounds and the model plan)."""
         spec, tr = self.ctx.spec, self.ctx.trace
+        obj, curve = spec.objectives, spec.hardware.profile.prefill
         a, uncached = tr.arrival_s, tr.input_tokens * (1.0 - hit)
-        best = 0.0
+        minutes = []
         for k in range(math.ceil(self.warm_start_s / 60.0)):
             w = (a >= 60.0 * k) & (a < min(60.0 * (k + 1), self.warm_start_s))
             if w.any():
-                best = max(best, prefill_backlog_need(spec.hardware.profile.prefill, a[w], uncached[w],
-                                                      spec.objectives.ttft_budget_s, spec.objectives.ttft_quantile))
-        return best
+                minutes.append(w)
+        pe = max((prefill_backlog_need(curve, a[w], uncached[w], obj.ttft_budget_s, obj.ttft_quantile)
+                  for w in minutes), default=0.0)
+        b = t.decode_batch_max
+        if b is None or b <= 0:
+            return pe, 0.0
+        c = float(max(1, math.ceil(max(pe, t.n_prefill_exact) - 1e-9)))  # the prefill instances it starts with
+        de = max((decode_arrivals_need(curve, a[w], uncached[w], tr.output_tokens[w], obj.tpot_ms / 1000.0, c, b,
+                                       1.0 - spec.params.miss_allowance) for w in minutes), default=0.0)
+        return pe, de
 
     def decide(self, now: float, obs: Observations) -> list[Action]:
         return []

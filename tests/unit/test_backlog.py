@@ -1,4 +1,5 @@
-"""The arrival-curve prefill bound (core/backlog.py): the math against a fluid FIFO server, bursts, errors."""
+"""The arrival-curve bounds (core/backlog.py): the math against a fluid FIFO server and brute-force
+concurrency, bursts, errors."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.core.backlog import backlog_need, fluid_sojourns_s
+from controller.core.backlog import (
+    backlog_need,
+    decode_arrivals_need,
+    decode_backlog_need,
+    fluid_sojourns_s,
+    mean_concurrency,
+)
 from controller.core.errors import ModelInputError
 from controller.core.pooled import pooled_need
-from controller.core.prefill import ServiceTime
+from controller.core.prefill import PrefillCurve, ServiceTime
 
 
 def _exact_needs(a: np.ndarray, w: np.ndarray, budget: float) -> np.ndarray:
@@ -108,3 +115,80 @@ def test_bad_inputs_name_the_field():
     with pytest.raises(ModelInputError, match="service_s"):
         backlog_need(a, w[:1], 2.0, 0.9)
     assert backlog_need(np.empty(0), np.empty(0), 2.0, 0.9) == 0.0
+
+
+# --- decode: concurrency of the requests the prefill pool releases ------------------------------
+
+def _brute_mean_concurrency(s: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """B(t) counts the open intervals, so its integral over interval i is the sum of i's overlaps."""
+    e = s + d
+    overlap = np.clip(np.minimum(e[:, None], e[None, :]) - np.maximum(s[:, None], s[None, :]), 0.0, None)
+    return overlap.sum(axis=1) / d
+
+
+@given(data=_bursty(), durations=st.lists(st.floats(0.05, 30.0), min_size=80, max_size=80))
+@settings(max_examples=60, deadline=None)
+def test_mean_concurrency_is_the_integral_of_the_open_count(data, durations):
+    s, _ = data
+    d = np.asarray(durations[: s.size])
+    assert np.allclose(mean_concurrency(s, d), _brute_mean_concurrency(s, d), rtol=1e-9, atol=1e-9)
+
+
+@given(data=_bursty(), c=st.floats(0.2, 20.0), b=st.floats(1.0, 64.0), q=st.floats(0.5, 1.0))
+@settings(max_examples=60, deadline=None)
+def test_the_decode_need_is_the_least_pool_keeping_that_share_within_the_batch(data, c, b, q):
+    """At n = need a share q of requests see a mean batch per instance <= b; at 1 % fewer they do not."""
+    a, w = data
+    dec = np.full(a.size, 2.0)
+    need = decode_backlog_need(a, w, dec, c, b, q)
+    m = _brute_mean_concurrency(a + _fluid_sojourns(a, w, c), dec)
+    k = int(np.ceil(q * a.size - 1e-9))
+    assert np.count_nonzero(m / need <= b * (1 + 1e-9)) >= k
+    assert np.count_nonzero(m / (need * 0.99) <= b) < k
+
+
+def test_a_burst_reaches_decode_as_fast_as_prefill_releases_it():
+    """200 requests in one second: a large prefill pool floods decode, a small one meters it out."""
+    a = np.linspace(0.0, 1.0, 200)
+    w = np.full(200, 0.5)  # 100 instance-seconds of prefill
+    dec = np.full(200, 3.0)  # each decodes for 3 s at the TPOT objective
+    fast = decode_backlog_need(a, w, dec, 50.0, 16.0, 0.99)
+    slow = decode_backlog_need(a, w, dec, 5.0, 16.0, 0.99)
+    assert fast > 2 * slow
+    # the mean over the minute reads ~0.6 instances (200 x 3 s / 60 s / 16); the flood needs several
+    assert fast > 5 * (200 * 3.0 / 60.0 / 16.0)
+
+
+def test_steady_poisson_decode_need_is_littles_law_plus_its_fluctuation():
+    rng = np.random.default_rng(11)
+    rate, dec_s, b = 20.0, 4.0, 16.0
+    a = np.sort(rng.uniform(0.0, 600.0, rng.poisson(rate * 600)))
+    w = np.full(a.size, 0.05)
+    need = decode_backlog_need(a, w, np.full(a.size, dec_s), 4.0, b, 0.99)
+    mean_batch = rate * dec_s  # Little: 80 concurrent
+    assert mean_batch / b <= need <= (mean_batch + 3.0 * np.sqrt(mean_batch)) / b
+
+
+def test_decode_arrivals_need_sorts_and_prices_each_request():
+    curve = PrefillCurve(max_tps=10_000.0)
+    t = np.array([3.0, 0.0, 1.0, 2.0] * 10)
+    inp, out = np.full(t.size, 1000.0), np.full(t.size, 100.0)
+    got = decode_arrivals_need(curve, t, inp, out, 0.05, 2.0, 8.0, 0.9)
+    o = np.argsort(t, kind="stable")
+    want = decode_backlog_need(t[o], np.full(t.size, 0.1), np.full(t.size, 5.0), 2.0, 8.0, 0.9)
+    assert got == pytest.approx(want)
+
+
+def test_decode_bad_inputs_name_the_field():
+    a, w, d = np.array([0.0, 1.0]), np.array([0.1, 0.1]), np.array([1.0, 1.0])
+    with pytest.raises(ModelInputError, match="prefill_capacity"):
+        decode_backlog_need(a, w, d, 0.0, 8.0, 0.9)
+    with pytest.raises(ModelInputError, match="batch_target"):
+        decode_backlog_need(a, w, d, 1.0, float("nan"), 0.9)
+    with pytest.raises(ModelInputError, match="quantile"):
+        decode_backlog_need(a, w, d, 1.0, 8.0, 0.0)
+    with pytest.raises(ModelInputError, match="duration_s"):
+        decode_backlog_need(a, w, np.array([1.0, 0.0]), 1.0, 8.0, 0.9)
+    with pytest.raises(ModelInputError, match="tpot_s"):
+        decode_arrivals_need(PrefillCurve(max_tps=1e4), a, a, a, 0.0, 1.0, 8.0, 0.9)
+    assert decode_backlog_need(np.empty(0), np.empty(0), np.empty(0), 1.0, 8.0, 0.9) == 0.0

@@ -406,6 +406,44 @@ def test_a_flip_leaves_the_donor_what_the_load_needs_now() -> None:
     assert not taken
 
 
+def _run_short_bursts(spec: ControlSpec, fleet: FleetView, until_s: float, bursty_until_s: float):
+    """300 short requests (500 tokens in, 20 out) within one second every 30 s, then a trickle."""
+    rng = np.random.default_rng(2)
+    state = initial_state(spec, 0.0)
+    out, now = [], 0.0
+    while now < until_s:
+        now += 5.0
+        bursty = now <= bursty_until_s
+        arr = _bursts(now - 5, now, size=300, input_len=500) if bursty else empty_arrivals()
+        ev = _events(now - 5, now, 10.0 if bursty else 0.5, rng, input_len=500, output_len=20)
+        r = tick(state, Observations(ev, fleet, WorkerStats(), arr), spec, now)
+        state = r.state
+        out.append((now, r))
+    return out
+
+
+def test_short_output_bursts_keep_the_decode_pool_their_flood_needs() -> None:
+    """Each burst is in decode for ~1 s, all at once: a 10-s mean rate reads half an instance.
+
+    The prefill pool releases a burst at its own pace and decode has no queue: the arrivals, run
+    through the fluid prefill pool, say what decode needs before decode sees it - and a flip does not
+    take it to feed prefill.
+    """
+    spec = _spec(cold_start_s=300.0)
+    ticks = _run_short_bursts(spec, FleetView(8, 2), 300.0, 300.0)
+    late = [r.diagnostics.target for t, r in ticks if t > 60 and r.diagnostics.target is not None]
+    assert late and all(x.decode_backlog_need is not None and x.decode_backlog_need > 1.3 for x in late)
+    assert all(x.n_decode_exact >= x.decode_backlog_need - 1e-9 for x in late)
+    assert not [a for _, r in ticks for a in r.actions if a.kind is ActionKind.FLIP_TO_PREFILL]
+
+
+def test_the_decode_burst_need_is_held_over_the_regrow_time() -> None:
+    spec = _spec(cold_start_s=600.0, stabilization_down_s=120.0)
+    ticks = _run_short_bursts(spec, FleetView(8, 2), 1800.0, 300.0)
+    downs = [t for t, r in ticks for a in r.actions if a.kind is ActionKind.SCALE_DECODE and a.count < 0]
+    assert downs and min(downs) >= 300.0 + 600.0  # a cold start's worth of quiet after the last burst
+
+
 @pytest.mark.parametrize("prefill_busy, flips_expected", [(0.1, True), (0.97, False)])
 def test_an_idle_prefill_pool_whose_ttft_misses_come_from_decode_still_gives_an_instance(prefill_busy, flips_expected):
     """Fixed budget after a shift to long outputs: decode is full, so requests wait for decode memory and

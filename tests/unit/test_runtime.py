@@ -224,6 +224,8 @@ async def test_the_plan_and_the_burst_bound_are_exported(registry):
     assert burst == pytest.approx(model["prefill_backlog_need"]) and 0 < burst <= need + 1e-9
     decode = registry.get_sample_value("pdctl_needed_instances", {"role": "decode", "source": "plan"})
     assert decode == pytest.approx(model["n_decode_exact"])
+    flood = registry.get_sample_value("pdctl_needed_instances", {"role": "decode", "source": "arrival_burst"})
+    assert flood == pytest.approx(model["decode_backlog_need"]) and 0 < flood <= decode + 1e-9
 
 
 @pytest.mark.parametrize(

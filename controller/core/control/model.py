@@ -172,4 +172,5 @@ def model_target(
         prefill_rate_per_instance_rps=per_instance,
         decode_rate_per_instance_rps=decode_rate,
         decode_batch_target=b_target,
+        decode_batch_max=float(cap.decode.batch) if cap.decode.batch is not None else None,
     )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from controller.core.backlog import prefill_backlog_need
+from controller.core.backlog import decode_arrivals_need, prefill_backlog_need
 from controller.core.control import stages
 from controller.core.control.calibration import (
     CalibrationState,
@@ -49,6 +49,7 @@ from controller.core.control.types import (
     Estimates,
     FeedbackView,
     FleetView,
+    FloatArray,
     Forecast,
     ModelTarget,
     Observations,
@@ -77,7 +78,8 @@ class ControllerState:
     rates: RateHist = ()  # observed load, held for safe scale-down
     observed_needs: tuple[tuple[float, float], ...] = ()  # (time, decode need from the running batch)
     busy: tuple[tuple[float, float], ...] = ()  # (time, busy instances = busy share x serving prefill)
-    backlogs: tuple[tuple[float, float], ...] = ()  # (time, prefill need read from the arrivals), held for scale-down
+    # (time, prefill need, decode need) read from the arrivals (core/backlog.py), held for scale-down
+    backlogs: tuple[tuple[float, float, float], ...] = ()
     last_estimates: Estimates | None = None
     shape: Shape | None = None  # workload shape the capacity was last computed for (sticky)
     ticks: int = 0
@@ -105,6 +107,7 @@ class Context:
     held_prefill_need: float  # instances the peak load held over the regrow time needs (model, no headroom)
     held_decode_need: float
     held_prefill_backlog: float = 0.0  # the highest arrival-curve need of the regrow time (instances, no headroom)
+    held_decode_backlog: float = 0.0
     # what each pool needs for the load observed now (not the forecast): a flip may take a serving
     # instance only while the serving rest carries this; cold starts still pending serve nothing yet
     now_prefill_need: float = 0.0
@@ -302,14 +305,29 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     target, needs = _observed_decode_need(target, obs, state.observed_needs, now, min(p.observed_need_hold_s, lead))
     new_state = replace(new_state, observed_needs=needs)
     target = _with_headroom(target, feedback, decisions)
-    backlog = _arrivals_backlog_need(cfg, arrivals if covered_arrivals else None, window, now, est, calib.prefill_scale)
-    backlogs = tuple(b for b in state.backlogs if b[0] >= now - p.regrow_hold_s)
-    if backlog is not None:
-        backlogs = (*backlogs, (now, backlog))
+    reqs = _window_requests(cfg, arrivals if covered_arrivals else None, window, now, est)
+    backlog = decode_backlog = None
+    if reqs is not None:
+        t_arr, uncached, out = reqs
+        obj, curve = cfg.objectives, cfg.hardware.profile.prefill
+        backlog = prefill_backlog_need(curve, t_arr, uncached, obj.ttft_budget_s, obj.ttft_quantile, calib.prefill_scale)
         # the bound is exact for the fluid pool and the model's error is elsewhere: no headroom on it
         if backlog > target.n_prefill_exact:
             target = replace(target, n_prefill_exact=backlog, n_prefill=max(1, math.ceil(backlog - 1e-9)))
-        target = replace(target, prefill_backlog_need=backlog)
+        # the arrivals show their own fluctuation: the batch at the objective, without the Poisson margin
+        b = target.decode_batch_max
+        if b is not None and b > 0:
+            # decode sees the bursts as fast as the prefill the plan serves with releases them
+            c = float(max(target.n_prefill, fleet.serving_prefill, 1))
+            decode_backlog = decode_arrivals_need(curve, t_arr, uncached, out, obj.tpot_ms / 1000.0, c, b,
+                                                  1.0 - p.miss_allowance, calib.prefill_scale)
+            if decode_backlog > target.n_decode_exact:
+                target = replace(target, n_decode_exact=decode_backlog,
+                                 n_decode=max(1, math.ceil(decode_backlog - 1e-9)))
+        target = replace(target, prefill_backlog_need=backlog, decode_backlog_need=decode_backlog)
+    backlogs = tuple(b for b in state.backlogs if b[0] >= now - p.regrow_hold_s)
+    if backlog is not None:
+        backlogs = (*backlogs, (now, backlog, decode_backlog or 0.0))
     new_state = replace(new_state, backlogs=backlogs)
     if thin is not None:
         decisions.append(Decision("fleet", Reason.INSUFFICIENT_DATA, thin))
@@ -323,9 +341,11 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         decode_batch=obs.stats.decode_running_mean,
         prefill_util_target=_prefill_util_target(cfg, target, samples, est, calib.prefill_scale),
         held_prefill_need=held.n_prefill_exact, held_decode_need=held.n_decode_exact,
-        held_prefill_backlog=max((b for _, b in backlogs), default=0.0),
+        held_prefill_backlog=max((b[1] for b in backlogs), default=0.0),
+        held_decode_backlog=max((b[2] for b in backlogs), default=0.0),
         now_prefill_need=max(now_t.n_prefill_exact * feedback.prefill_headroom, backlog or 0.0),
-        now_decode_need=max(now_t.n_decode_exact, target.decode_observed_need or 0.0) * feedback.decode_headroom,
+        now_decode_need=max(max(now_t.n_decode_exact, target.decode_observed_need or 0.0) * feedback.decode_headroom,
+                            decode_backlog or 0.0),
     )
     if p.mode is Mode.FIXED:
         return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result, ctx)
@@ -346,24 +366,27 @@ def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decis
                    n_prefill=max(1, math.ceil(pe - 1e-9)), n_decode=max(1, math.ceil(de - 1e-9)))
 
 
-def _arrivals_backlog_need(cfg: ControlSpec, arrivals: ArrivalWindow | None, window: EventWindow, now: float,
-                           est: Estimates, scale: float) -> float | None:
-    """Prefill instances the window's arrivals need at every time scale (core/backlog.py).
+def _window_requests(cfg: ControlSpec, arrivals: ArrivalWindow | None, window: EventWindow, now: float,
+                     est: Estimates) -> tuple[FloatArray, FloatArray, FloatArray] | None:
+    """The window's requests as (arrival time, uncached input tokens, output tokens), for the bounds
+    read from the arrivals at every time scale (core/backlog.py), or None if too few.
 
     Read from the arrivals (the leading indicator: a burst shows as it arrives) when the tap reports
-    them; otherwise from the completed requests, which show the same burst one request lifetime later.
+    them, each with the window's mean output length (not known at arrival); otherwise from the
+    completed requests, which show the same burst one request lifetime later.
     """
-    p, obj = cfg.params, cfg.objectives
+    p = cfg.params
     t0 = now - p.window_s
     if arrivals is not None:
         t, inp, _, _ = arrivals.since(t0)
         uncached = inp * (1.0 - est.cache_hit_rate)
+        out = np.full(t.shape, max(est.output_len_mean, 1.0))
     else:
         w = window.since(t0)
-        t, uncached = w.arrival_s, w.input_tokens - w.cached_tokens
+        t, uncached, out = w.arrival_s, w.input_tokens - w.cached_tokens, w.output_tokens
     if t.size < p.min_samples:
         return None
-    return prefill_backlog_need(cfg.hardware.profile.prefill, t, uncached, obj.ttft_budget_s, obj.ttft_quantile, scale)
+    return t, uncached, out
 
 
 def _prefill_util_target(cfg: ControlSpec, target: ModelTarget, samples: tuple[float, ...], est: Estimates,
@@ -437,7 +460,8 @@ def _safe_down(role: Role, cur: int, want: int, target: ModelTarget, ctx: Contex
                     math.ceil(ctx.held_prefill_backlog - 1e-9)) if hold else 1
         util, util_target = ctx.prefill_busy, ctx.prefill_util_target
     else:
-        floor = safe_down_floor(ctx.held_decode_need, fb.decode_headroom) if hold else 1
+        floor = max(safe_down_floor(ctx.held_decode_need, fb.decode_headroom),
+                    math.ceil(ctx.held_decode_backlog - 1e-9)) if hold else 1
         util, util_target = ctx.decode_batch, target.decode_batch_target
     n = min(cur, max(want, floor))
     if n < cur and not consolidation_ok(util, cur, n, util_target):

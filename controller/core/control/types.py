@@ -176,8 +176,11 @@ class ModelTarget:
     prefill_rate_per_instance_rps: float
     decode_rate_per_instance_rps: float
     decode_batch_target: float | None = None  # mean batch per decode instance the plan aims at
+    # the batch per instance at which TPOT meets its objective (the target less the Poisson margin)
+    decode_batch_max: float | None = None
     decode_observed_need: float | None = None  # decode instances the observed running batch calls for
     prefill_backlog_need: float | None = None  # prefill instances the window's arrivals call for (core/backlog.py)
+    decode_backlog_need: float | None = None  # decode instances the same arrivals call for, released by prefill
 
 
 @dataclass(frozen=True)
