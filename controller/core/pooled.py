@@ -82,6 +82,7 @@ def _mean_sojourn(c: int, rate: float, svc: ServiceTime) -> float:
     return svc.mean_s + wq
 
 
+@lru_cache(maxsize=1024)  # pure; the model asks at a 5 %-grid rate (model.py), so ticks repeat questions
 def pooled_sojourn_s(c: int, rate: float, svc: ServiceTime, quantile: float | None) -> float:
     """Predicted prefill sojourn (wait + service) in the pooled queue: mean or q-quantile; inf if unstable."""
     if rate * svc.mean_s >= c:
@@ -138,19 +139,31 @@ def pooled_need(rate_rps: float, svc: ServiceTime, budget_s: float, quantile: fl
     if rate_rps <= 0:
         return 0.0
     group = svc.scaled(float(dp_groups)) if dp_groups > 1 else svc
-    prev = 0.0
-    for n in range(1, max_instances + 1):
-        c = min(n * dp_groups, _MAX_SERVERS)
-        cap = pooled_max_rate_rps(c, group, budget_s, quantile)
-        if cap <= 0.0:
-            raise InfeasibleError(
-                f"ttft_budget_s={budget_s:.6g}: even an idle prefill instance misses the TTFT objective "
-                f"(mean service time {svc.mean_s:.6g} s)"
-            )
-        if cap >= rate_rps:
-            return (n - 1) + (rate_rps - prev) / max(cap - prev, 1e-12)
-        prev = cap
-    return float(max_instances) * rate_rps / max(prev, 1e-12)
+
+    def cap(n: int) -> float:
+        return pooled_max_rate_rps(min(n * dp_groups, _MAX_SERVERS), group, budget_s, quantile) if n > 0 else 0.0
+
+    if cap(1) <= 0.0:  # the service alone misses the budget: no pool size helps
+        raise InfeasibleError(
+            f"ttft_budget_s={budget_s:.6g}: even an idle prefill instance misses the TTFT objective "
+            f"(mean service time {svc.mean_s:.6g} s)"
+        )
+    # capacity grows with n: the first n that carries the rate, by doubling then bisection (log n
+    # evaluations; a fleet of hundreds of instances made the linear scan the tick's largest cost)
+    hi = 1
+    while cap(hi) < rate_rps:
+        if hi >= max_instances:
+            return float(max_instances) * rate_rps / max(cap(max_instances), 1e-12)
+        hi = min(2 * hi, max_instances)
+    lo = hi // 2  # cap(lo) < rate (or lo = 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if cap(mid) >= rate_rps:
+            hi = mid
+        else:
+            lo = mid
+    prev = cap(hi - 1)
+    return (hi - 1) + (rate_rps - prev) / max(cap(hi) - prev, 1e-12)
 
 
 def pooled_ttft_s(n: int, rate_rps: float, svc: ServiceTime, overhead_s: float, quantile: float | None,

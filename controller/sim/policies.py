@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from controller.core.backlog import decode_arrivals_need, prefill_backlog_need
+from controller.core.backlog import decode_arrivals_need, prefill_backlog_need, priced_requests
 from controller.core.control import (
     Action,
     ActionKind,
@@ -154,20 +154,19 @@ class Policy:
         fluid bounds of core/backlog.py; decode fed by the prefill those bounds and the model plan)."""
         spec, tr = self.ctx.spec, self.ctx.trace
         obj, curve = spec.objectives, spec.hardware.profile.prefill
-        a, uncached = tr.arrival_s, tr.input_tokens * (1.0 - hit)
+        a = tr.arrival_s
         minutes = []
         for k in range(math.ceil(self.warm_start_s / 60.0)):
             w = (a >= 60.0 * k) & (a < min(60.0 * (k + 1), self.warm_start_s))
             if w.any():
-                minutes.append(w)
-        pe = max((prefill_backlog_need(curve, a[w], uncached[w], obj.ttft_budget_s, obj.ttft_quantile)
-                  for w in minutes), default=0.0)
+                minutes.append(priced_requests(curve, a[w], tr.input_tokens[w] * (1.0 - hit), tr.output_tokens[w]))
+        pe = max((prefill_backlog_need(m, obj.ttft_budget_s, obj.ttft_quantile) for m in minutes), default=0.0)
         b = t.decode_batch_max
         if b is None or b <= 0:
             return pe, 0.0
         c = float(max(1, math.ceil(max(pe, t.n_prefill_exact) - 1e-9)))  # the prefill instances it starts with
-        de = max((decode_arrivals_need(curve, a[w], uncached[w], tr.output_tokens[w], obj.tpot_ms / 1000.0, c, b,
-                                       1.0 - spec.params.miss_allowance) for w in minutes), default=0.0)
+        de = max((decode_arrivals_need(m, obj.tpot_ms / 1000.0, c, b, 1.0 - spec.params.miss_allowance)
+                  for m in minutes), default=0.0)
         return pe, de
 
     def decide(self, now: float, obs: Observations) -> list[Action]:

@@ -14,6 +14,8 @@ from controller.core.backlog import (
     decode_backlog_need,
     fluid_sojourns_s,
     mean_concurrency,
+    prefill_backlog_need,
+    priced_requests,
 )
 from controller.core.errors import ModelInputError
 from controller.core.pooled import pooled_need
@@ -169,14 +171,31 @@ def test_steady_poisson_decode_need_is_littles_law_plus_its_fluctuation():
     assert mean_batch / b <= need <= (mean_batch + 3.0 * np.sqrt(mean_batch)) / b
 
 
-def test_decode_arrivals_need_sorts_and_prices_each_request():
+def test_priced_requests_sort_once_and_price_each_request():
     curve = PrefillCurve(max_tps=10_000.0)
     t = np.array([3.0, 0.0, 1.0, 2.0] * 10)
-    inp, out = np.full(t.size, 1000.0), np.full(t.size, 100.0)
-    got = decode_arrivals_need(curve, t, inp, out, 0.05, 2.0, 8.0, 0.9)
+    inp, out = np.arange(t.size) * 10.0 + 1000.0, np.full(t.size, 100.0)
+    reqs = priced_requests(curve, t, inp, out, 2.0)
     o = np.argsort(t, kind="stable")
-    want = decode_backlog_need(t[o], np.full(t.size, 0.1), np.full(t.size, 5.0), 2.0, 8.0, 0.9)
+    assert np.array_equal(reqs.arrival_s, t[o]) and np.allclose(reqs.service_s, inp[o] / 10_000.0 * 2.0)
+    got = decode_arrivals_need(reqs, 0.05, 2.0, 8.0, 0.9)
+    want = decode_backlog_need(t[o], inp[o] / 5_000.0, np.full(t.size, 5.0), 2.0, 8.0, 0.9)
     assert got == pytest.approx(want)
+    assert prefill_backlog_need(reqs, 2.0, 0.9) == pytest.approx(backlog_need(t[o], inp[o] / 5_000.0, 2.0, 0.9))
+
+
+def test_large_windows_are_binned_never_below_the_exact_need():
+    """Beyond EXACT_MAX requests the prefill bound bins arrivals (budget/64) and the decode bound reads
+    a systematic sample: within a few percent of the request-by-request answers, prefill never below."""
+    rng = np.random.default_rng(5)
+    a = np.sort(np.concatenate([rng.uniform(0, 60, 6000), rng.uniform(20, 21, 1500)]))  # a burst on Poisson
+    w = rng.exponential(0.05, a.size)
+    exact = backlog_need(a, w, 2.0, 0.99, exact_max=10**9)
+    binned = backlog_need(a, w, 2.0, 0.99)
+    assert exact * (1 - 2e-3) <= binned <= backlog_need(a, w, 2.0 * (1 - 2 / 64), 0.99, exact_max=10**9) * 1.002
+    dec = rng.uniform(0.5, 10.0, a.size)
+    full = decode_backlog_need(a, w, dec, binned, 16.0, 0.99, exact_max=10**9)
+    assert decode_backlog_need(a, w, dec, binned, 16.0, 0.99) == pytest.approx(full, rel=0.03)
 
 
 def test_decode_bad_inputs_name_the_field():
@@ -190,5 +209,7 @@ def test_decode_bad_inputs_name_the_field():
     with pytest.raises(ModelInputError, match="duration_s"):
         decode_backlog_need(a, w, np.array([1.0, 0.0]), 1.0, 8.0, 0.9)
     with pytest.raises(ModelInputError, match="tpot_s"):
-        decode_arrivals_need(PrefillCurve(max_tps=1e4), a, a, a, 0.0, 1.0, 8.0, 0.9)
+        decode_arrivals_need(priced_requests(PrefillCurve(max_tps=1e4), a, a, a), 0.0, 1.0, 8.0, 0.9)
+    with pytest.raises(ModelInputError, match="uncached_tokens"):
+        priced_requests(PrefillCurve(max_tps=1e4), a, a[:1], a)
     assert decode_backlog_need(np.empty(0), np.empty(0), np.empty(0), 1.0, 8.0, 0.9) == 0.0

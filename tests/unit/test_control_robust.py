@@ -95,6 +95,22 @@ def test_pooled_need_is_monotone_in_load(r1: float, r2: float) -> None:
     assert pooled_need(lo, svc, 1.5, 0.99) <= pooled_need(hi, svc, 1.5, 0.99) + 1e-9
 
 
+@settings(max_examples=40, deadline=None)
+@given(rate=st.floats(0.01, 200.0), groups=st.sampled_from([1, 2, 4]), q=st.sampled_from([None, 0.9, 0.99]))
+def test_pooled_need_is_the_first_pool_size_that_carries_the_rate(rate: float, groups: int, q) -> None:
+    """The search over n (doubling, then bisection) finds what a scan from n = 1 finds."""
+    from controller.core.pooled import pooled_max_rate_rps
+
+    svc = ServiceTime.from_samples(np.linspace(0.05, 0.4, 16))
+    group = svc.scaled(float(groups)) if groups > 1 else svc
+    caps = [0.0]
+    while caps[-1] < rate:
+        caps.append(pooled_max_rate_rps(len(caps) * groups, group, 4.0, q))  # 4 s: every group size is feasible
+    n = len(caps) - 1
+    want = (n - 1) + (rate - caps[n - 1]) / (caps[n] - caps[n - 1])
+    assert pooled_need(rate, svc, 4.0, q, groups) == pytest.approx(want, rel=1e-12)
+
+
 def test_pooled_needs_fewer_instances_than_separate_queues_at_scale() -> None:
     svc = ServiceTime.from_samples(np.linspace(0.05, 0.4, 16))
     rate = 40.0

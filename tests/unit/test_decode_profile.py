@@ -25,6 +25,19 @@ def test_bilinear_interpolation() -> None:
     assert GRID.tpot_ms_at(80, 1000) == pytest.approx(28.0)  # last-segment extrapolation
 
 
+@given(b=st.floats(0.1, 200.0), c=st.floats(0.0, 300_000.0), name=st.sampled_from(
+    ["llama2-70b-h100-tp8", "llama2-70b-a100-tp8", "llama2-70b-a100-tp4"]))
+def test_two_row_interpolation_equals_interpolating_every_row(b: float, c: float, name: str) -> None:
+    """tpot_ms_at reads the two context rows around `c`: bit for bit what every row, then across, gives."""
+    import numpy as np
+
+    dc = load_profile(name).decode_curve
+    assert dc is not None
+    bs, cs = np.asarray(dc.batch), np.asarray(dc.context)
+    rows = [DecodeProfile._along_batch(bs, np.asarray(r), b) for r in dc.tpot_ms]
+    assert dc.tpot_ms_at(b, c) == float(np.interp(c, cs, rows))
+
+
 def test_best_batch_is_largest_meeting_target() -> None:
     b = GRID.best_batch(16.0, 1000)
     assert b == 32

@@ -110,7 +110,7 @@ def test_the_warm_start_covers_the_first_minutes_bursts():
 
 def test_the_warm_start_decode_pool_carries_the_first_minutes_floods():
     """Decode too: the busiest minute's requests, as a prefill pool of the starting size releases them."""
-    from controller.core.backlog import decode_arrivals_need
+    from controller.core.backlog import decode_arrivals_need, priced_requests
     from controller.core.control.model import model_target
     from controller.sim.policies import _trace_shape, make_policy
 
@@ -121,9 +121,10 @@ def test_the_warm_start_decode_pool_carries_the_first_minutes_floods():
     rate, lin, lout, hit, samples = _trace_shape(tr, 0.0, pol.warm_start_s)
     t = model_target(spec, rate, lin, lout, hit, samples)
     a = tr.arrival_s
-    flood = max(decode_arrivals_need(spec.hardware.profile.prefill, a[w], tr.input_tokens[w] * (1 - hit),
-                                     tr.output_tokens[w], spec.objectives.tpot_ms / 1000.0, float(p0),
-                                     t.decode_batch_max, 1 - spec.params.miss_allowance)
+    curve = spec.hardware.profile.prefill
+    flood = max(decode_arrivals_need(priced_requests(curve, a[w], tr.input_tokens[w] * (1 - hit), tr.output_tokens[w]),
+                                     spec.objectives.tpot_ms / 1000.0, float(p0), t.decode_batch_max,
+                                     1 - spec.params.miss_allowance)
                 for w in ((a >= 60 * k) & (a < 60 * (k + 1)) for k in range(5)))
     assert flood > 1.5 * t.n_decode_exact  # code: short outputs, released in floods
     assert d0 >= int(np.ceil(flood - 0.05))

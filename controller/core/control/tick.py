@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from controller.core.backlog import decode_arrivals_need, prefill_backlog_need
+from controller.core.backlog import decode_arrivals_need, prefill_backlog_need, priced_requests
 from controller.core.control import stages
 from controller.core.control.calibration import (
     CalibrationState,
@@ -308,9 +308,9 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     reqs = _window_requests(cfg, arrivals if covered_arrivals else None, window, now, est)
     backlog = decode_backlog = None
     if reqs is not None:
-        t_arr, uncached, out = reqs
-        obj, curve = cfg.objectives, cfg.hardware.profile.prefill
-        backlog = prefill_backlog_need(curve, t_arr, uncached, obj.ttft_budget_s, obj.ttft_quantile, calib.prefill_scale)
+        obj = cfg.objectives
+        priced = priced_requests(cfg.hardware.profile.prefill, *reqs, calib.prefill_scale)
+        backlog = prefill_backlog_need(priced, obj.ttft_budget_s, obj.ttft_quantile)
         # the bound is exact for the fluid pool and the model's error is elsewhere: no headroom on it
         if backlog > target.n_prefill_exact:
             target = replace(target, n_prefill_exact=backlog, n_prefill=max(1, math.ceil(backlog - 1e-9)))
@@ -319,8 +319,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         if b is not None and b > 0:
             # decode sees the bursts as fast as the prefill the plan serves with releases them
             c = float(max(target.n_prefill, fleet.serving_prefill, 1))
-            decode_backlog = decode_arrivals_need(curve, t_arr, uncached, out, obj.tpot_ms / 1000.0, c, b,
-                                                  1.0 - p.miss_allowance, calib.prefill_scale)
+            decode_backlog = decode_arrivals_need(priced, obj.tpot_ms / 1000.0, c, b, 1.0 - p.miss_allowance)
             if decode_backlog > target.n_decode_exact:
                 target = replace(target, n_decode_exact=decode_backlog,
                                  n_decode=max(1, math.ceil(decode_backlog - 1e-9)))
