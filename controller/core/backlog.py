@@ -71,7 +71,8 @@ def backlog_need(arrival_s: FloatArray, service_s: FloatArray, budget_s: float, 
     its start and its requests count as served when the bin's last work is, within the budget less
     one bin. Lindley's recursion moves a completion by at most the shift of the arrivals, so a bin
     that passes holds every request of it within the budget: the binned need is never below the
-    exact one, and at most that of a budget 2/64 tighter.
+    exact one. It is above it by the bin's own work for a request early in a bin (its successors'
+    work counts against it), so it approaches the exact need as bins hold little work.
     """
     if not (budget_s > 0 and math.isfinite(budget_s)):
         raise ModelInputError("ttft_budget_s", budget_s, "must be a positive number of seconds")

@@ -186,7 +186,7 @@ def test_priced_requests_sort_once_and_price_each_request():
 
 def test_large_windows_are_binned_never_below_the_exact_need():
     """Beyond EXACT_MAX requests the prefill bound bins arrivals (budget/64) and the decode bound reads
-    a systematic sample: within a few percent of the request-by-request answers, prefill never below."""
+    a systematic sample: here within a few percent of the request-by-request answers, prefill never below."""
     rng = np.random.default_rng(5)
     a = np.sort(np.concatenate([rng.uniform(0, 60, 6000), rng.uniform(20, 21, 1500)]))  # a burst on Poisson
     w = rng.exponential(0.05, a.size)

@@ -422,6 +422,28 @@ def test_a_flip_leaves_the_donor_what_the_load_needs_now() -> None:
     assert not taken
 
 
+def test_a_flip_waits_a_tenth_of_its_own_lead_not_of_a_cold_starts() -> None:
+    """Elastic with 600 s cold starts and 2 s flips: decode short, prefill idle. The need must persist a
+    tenth of an action's lead before it is taken: 60 s for a cold start, under a second for a flip, so
+    the flip goes at once and the scale-up a minute later."""
+    spec = _spec(cold_start_s=600.0, flip_time_s=2.0, drain_s=5.0)
+    rng = np.random.default_rng(3)
+    state = initial_state(spec, 0.0)
+    now, first_target, flips, ups = 0.0, None, [], []
+    while now < 200.0:
+        now += 5.0
+        ev = _events(now - 5, now, 8.0, rng, input_len=1000, output_len=600)
+        r = tick(state, Observations(ev, FleetView(8, 1), WorkerStats()), spec, now)
+        state = r.state
+        if r.diagnostics.target is not None and first_target is None:
+            first_target = now
+        flips += [now for a in r.actions if a.kind is ActionKind.FLIP_TO_DECODE]
+        ups += [now for a in r.actions if a.kind is ActionKind.SCALE_DECODE and a.count > 0]
+    assert first_target is not None and flips and ups
+    assert min(flips) <= first_target + 10.0
+    assert min(ups) >= first_target + spec.params.up_window_s
+
+
 def _run_short_bursts(spec: ControlSpec, fleet: FleetView, until_s: float, bursty_until_s: float):
     """300 short requests (500 tokens in, 20 out) within one second every 30 s, then a trickle."""
     rng = np.random.default_rng(2)

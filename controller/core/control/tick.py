@@ -521,9 +521,18 @@ def _tick_elastic(
     h = ctx.history
     flips_ok = stages.flips_allowed(fleet.flips_in_flight, h.flip_times, now, p.max_flips_in_flight, p.max_flips_per_hour)
     flip_faster = p.flip_lead_s < p.cold_start_s
+    # a flip is the faster action: its need must persist a tenth of *its* lead, not of a cold start's
+    flip_up_s = max(p.stabilization_up_s, 0.1 * p.flip_lead_s)
+    fdp, fdd = dp, dd
+    if flip_faster:
+        fp = stages.bounds(stages.stabilize(recs_p, now, cur_p, flip_up_s, p.stabilization_down_s)[0],
+                           p.min_prefill, p.max_prefill)[0]
+        fd = stages.bounds(stages.stabilize(recs_d, now, cur_d, flip_up_s, p.stabilization_down_s)[0],
+                           p.min_decode, p.max_decode)[0]
+        fdp, fdd = max(dp, fp - cur_p), max(dd, fd - cur_d)
     for role, short, other_cur, other_need, other_serving, other_now in (
-        (Role.PREFILL, dp, cur_d, need_d, fleet.serving_decode, ctx.now_decode_need),
-        (Role.DECODE, dd, cur_p, need_p, fleet.serving_prefill, ctx.now_prefill_need),
+        (Role.PREFILL, fdp, cur_d, need_d, fleet.serving_decode, ctx.now_decode_need),
+        (Role.DECODE, fdd, cur_p, need_p, fleet.serving_prefill, ctx.now_prefill_need),
     ):
         # a flip takes a serving instance, and leaves the other pool at or above its need; the giving
         # pool shrinks, so it passes the same safety stage as a scale-down (peak hold, observed load)
@@ -548,11 +557,12 @@ def _tick_elastic(
                 decisions.append(Decision(role.value, reason, f"flip {n}: other pool has {surplus} spare"))
                 flips_ok -= n
                 # the giving pool is left at or above its need: it does not scale back up for the flip
+                # (a flip may run ahead of the scale-up's slower stabilization: never below zero)
                 if role is Role.PREFILL:
-                    dp -= n
+                    dp = max(dp - n, 0)
                     dd = min(dd + n, 0)
                 else:
-                    dd -= n
+                    dd = max(dd - n, 0)
                     dp = min(dp + n, 0)
     # GPU cap on growth (elastic with a budget)
     budget = cfg.budget_instances()
