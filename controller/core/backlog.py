@@ -119,10 +119,6 @@ class PricedRequests:
     service_s: FloatArray  # the profile's prefill time at the request's uncached input, times the scale
     output_tokens: FloatArray
 
-    @property
-    def size(self) -> int:
-        return int(self.arrival_s.size)
-
 
 def priced_requests(curve: PrefillCurve, arrival_s: FloatArray, uncached_tokens: FloatArray,
                     output_tokens: FloatArray, service_scale: float = 1.0) -> PricedRequests:
