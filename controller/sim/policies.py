@@ -138,11 +138,7 @@ class Policy:
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
         # and for the work those minutes' arrivals bring at every time scale (core/backlog.py): a burst of
         # the first minutes is in the fleet the operator starts from, as in the one the controller plans
-        pe, de = self._first_backlog_needs(hit, t)
-        pe = max(t.n_prefill_exact, pe)
-        de = max(t.n_decode_exact, de)
-        t = replace(t, n_prefill_exact=pe, n_prefill=max(1, math.ceil(pe - 1e-9)),
-                    n_decode_exact=de, n_decode=max(1, math.ceil(de - 1e-9)))
+        t = t.at_least(*self._first_backlog_needs(hit, t))
         if self.ctx.mode is Mode.FIXED:
             return _fixed_split(self.ctx, t.n_prefill_exact, t.n_decode_exact, 1)
         prm = self.ctx.spec.params

@@ -312,17 +312,14 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         priced = priced_requests(cfg.hardware.profile.prefill, *reqs, calib.prefill_scale)
         backlog = prefill_backlog_need(priced, obj.ttft_budget_s, obj.ttft_quantile)
         # the bound is exact for the fluid pool and the model's error is elsewhere: no headroom on it
-        if backlog > target.n_prefill_exact:
-            target = replace(target, n_prefill_exact=backlog, n_prefill=max(1, math.ceil(backlog - 1e-9)))
+        target = target.at_least(prefill=backlog)
         # the arrivals show their own fluctuation: the batch at the objective, without the Poisson margin
         b = target.decode_batch_max
         if b is not None and b > 0:
             # decode sees the bursts as fast as the prefill the plan serves with releases them
             c = float(max(target.n_prefill, fleet.serving_prefill, 1))
             decode_backlog = decode_arrivals_need(priced, obj.tpot_ms / 1000.0, c, b, 1.0 - p.miss_allowance)
-            if decode_backlog > target.n_decode_exact:
-                target = replace(target, n_decode_exact=decode_backlog,
-                                 n_decode=max(1, math.ceil(decode_backlog - 1e-9)))
+            target = target.at_least(decode=decode_backlog)
         target = replace(target, prefill_backlog_need=backlog, decode_backlog_need=decode_backlog)
     backlogs = tuple(b for b in state.backlogs if b[0] >= now - p.regrow_hold_s)
     if backlog is not None:
@@ -418,10 +415,7 @@ def _observed_decode_need(
     running = s.decode_running_mean * obs.fleet.serving_decode + (s.decode_queued or 0) + gate
     hist = (*tuple(h for h in hist if h[0] > now - hold_s), (now, running / b))
     need = min(n for _, n in hist)
-    if need <= target.n_decode_exact:
-        return replace(target, decode_observed_need=need), hist
-    return replace(target, n_decode_exact=need, n_decode=max(1, math.ceil(need - 1e-9)),
-                   decode_observed_need=need), hist
+    return replace(target.at_least(decode=need), decode_observed_need=need), hist
 
 
 def _pool_stages(

@@ -7,7 +7,8 @@ in tests, and wall-clock in the live sidecar.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 import numpy as np
@@ -181,6 +182,15 @@ class ModelTarget:
     decode_observed_need: float | None = None  # decode instances the observed running batch calls for
     prefill_backlog_need: float | None = None  # prefill instances the window's arrivals call for (core/backlog.py)
     decode_backlog_need: float | None = None  # decode instances the same arrivals call for, released by prefill
+
+    def at_least(self, prefill: float = 0.0, decode: float = 0.0) -> ModelTarget:
+        """This plan with each pool's exact need raised to at least the one given (its count follows)."""
+        t = self
+        if prefill > t.n_prefill_exact:
+            t = replace(t, n_prefill_exact=prefill, n_prefill=max(1, math.ceil(prefill - 1e-9)))
+        if decode > t.n_decode_exact:
+            t = replace(t, n_decode_exact=decode, n_decode=max(1, math.ceil(decode - 1e-9)))
+        return t
 
 
 @dataclass(frozen=True)
