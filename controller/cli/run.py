@@ -73,6 +73,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--config", help="YAML config (slo, hardware, control, telemetry, api sections)")
     p.add_argument("--profile", help="profile YAML, or the name of one in configs/profiles/ (overrides "
                    "hardware.profile; like `plan --profile`)")
+    p.add_argument("--ttft-s", type=float, help="TTFT objective in seconds (overrides slo.ttft_s)")
+    p.add_argument("--tpot-ms", type=float, help="TPOT objective in milliseconds (overrides slo.tpot_ms; "
+                   "it must be reachable on the profile: a 70B model on A100 decodes no faster than ~45 ms)")
     p.add_argument("--router", type=_url("--router"),
                    help="router base URL (GET /workers, /engine_metrics); overrides telemetry.router_url")
     p.add_argument("--router-metrics", type=_url("--router-metrics"),
@@ -97,11 +100,15 @@ def effective_config(args: argparse.Namespace) -> Config:
     if args.telemetry:
         tel["zmq_endpoints"] = list(dict.fromkeys(args.telemetry))  # every flag, in order, once each
     profile = getattr(args, "profile", None)
-    if not tel and profile is None:
+    slo = {k: v for k, v in (("ttft_s", getattr(args, "ttft_s", None)), ("tpot_ms", getattr(args, "tpot_ms", None)))
+           if v is not None}
+    if not tel and profile is None and not slo:
         return cfg
     raw = cfg.model_dump(mode="json", exclude_none=True)
     if tel:
         raw["telemetry"] = {**raw.get("telemetry", {}), **tel}
+    if slo:
+        raw["slo"] = {**raw.get("slo", {}), **slo}
     if profile is not None:
         from controller.profiles import load_profile, resolve_profile_path
 

@@ -48,6 +48,7 @@ def start_controller(fleet, tap, d, extra_endpoints=(), use_tap=True):
     cfg = d / f"controller-{free_port()}.yaml"
     cfg.write_text(json.dumps({
         "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+        "slo": {"tpot_ms": 50.0},  # reachable on this profile: the ticks reach the model, not `infeasible`
         "control": {"tick_period_s": 0.5, "window_s": 10, "min_samples": 5},
         "telemetry": {"scrape_interval_s": 0.5, "workers_interval_s": 0.5, "fresh_s": 30},
         "api": {"token": TOKEN},
@@ -129,6 +130,13 @@ async def test_sidecar_end_to_end(stack):
         decode_url = fleet.decode[0].url
         assert "running" in st["fleet"]["worker_metrics"][decode_url]  # scraped through the router
         assert st["target"]["prefill"] >= 1 and st["decisions"] and st["mode"] == "advisory"
+
+        # with the load going on, the ticks reach the model (an objective the profile cannot meet fails at
+        # start; before that check, this test ran with the default 20 ms TPOT and every tick was `infeasible`)
+        more = asyncio.create_task(load(tap.url, 240, concurrency=4))
+        st = await wait_state(base, lambda s: (s["target"] or {}).get("model") is not None)
+        assert st["target"]["model"]["n_prefill"] >= 1 and "infeasible" not in {x["reason"] for x in st["decisions"]}
+        assert set(await more) == {200}
 
         # malformed frames from a second "tap": counted by reason, the sidecar stays healthy
         bad = RequestEvent(math.nan, 1, 0, 1, 0.1, 0.01, 0.2, 200).pack()

@@ -23,7 +23,7 @@ TOKEN = "s3cret-token"
 async def api(registry, monkeypatch):
     monkeypatch.delenv("PDCTL_API_TOKEN", raising=False)
     cfg = config_from_dict({
-        "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+        "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")}, "slo": {"tpot_ms": 50.0},
         "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"], "fresh_s": 10},
         "api": {"token": TOKEN, "port": 0},
     })
@@ -66,7 +66,7 @@ async def test_pause_and_resume_with_token(api):
 
 async def test_no_token_configured_means_closed(registry, monkeypatch):
     monkeypatch.delenv("PDCTL_API_TOKEN", raising=False)
-    cfg = config_from_dict({"hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+    cfg = config_from_dict({"hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")}, "slo": {"tpot_ms": 50.0},
                             "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"]}, "api": {"port": 0}})
     sc = Sidecar(cfg, registry=registry)
     port = await sc.start_api()
@@ -80,7 +80,7 @@ async def test_no_token_configured_means_closed(registry, monkeypatch):
 
 def test_token_from_environment(registry, monkeypatch):
     monkeypatch.setenv("PDCTL_API_TOKEN", "from-env")
-    cfg = config_from_dict({"hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+    cfg = config_from_dict({"hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")}, "slo": {"tpot_ms": 50.0},
                             "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"]}})
     assert Sidecar(cfg, registry=registry).token == "from-env"
 

@@ -38,7 +38,7 @@ def spin_forever(_req: object) -> tuple[str, object]:
 
 def _cfg(**api: object):
     return config_from_dict({
-        "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+        "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")}, "slo": {"tpot_ms": 50.0},
         "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"]},
         "api": {"token": TOKEN, "port": 0, **api},
     })

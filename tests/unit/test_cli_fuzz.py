@@ -232,8 +232,8 @@ def test_run_on_a_taken_port():
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        line = assert_one_line_exit_2(["run", "--profile", PROFILE, "--router", "http://127.0.0.1:1", "--advisory",
-                                       "--listen", f"127.0.0.1:{port}", "--log-level", "error"])
+        line = assert_one_line_exit_2(["run", "--profile", PROFILE, "--tpot-ms", "50", "--router", "http://127.0.0.1:1",
+                                       "--advisory", "--listen", f"127.0.0.1:{port}", "--log-level", "error"])
     assert f"cannot listen on 127.0.0.1:{port}" in line
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from controller.cli.main import build_parser, main
 from controller.cli.run import effective_config
+from controller.config import ConfigError
 from controller.runtime.sidecar import build_spec
 from tests.conftest import PROFILES, REPO
 
@@ -53,9 +54,30 @@ def test_profile_by_name_or_file_overrides_the_config(ref):
 
 
 def test_profile_without_a_config():
-    cfg = effective_config(_args("--profile", "llama2-70b-h100-tp8", "--router", "http://127.0.0.1:30000"))
+    cfg = effective_config(_args("--profile", "llama2-70b-h100-tp8", "--router", "http://127.0.0.1:30000",
+                                 "--tpot-ms", "50"))
     assert Path(cfg.hardware.profile).name == "llama2-70b-h100-tp8.yaml"
+    assert cfg.slo.tpot_ms == 50.0 and cfg.slo.ttft_s == 2.0  # the flag sets one field, the default the other
     assert build_spec(cfg).hardware.profile.prefill is not None
+
+
+def test_an_objective_the_profile_cannot_reach_fails_at_start_naming_field_and_floor():
+    # the default 20 ms TPOT on a 70B model on H100 TP8 (batch 1 decodes at ~30 ms): before, every tick said
+    # `infeasible` and the sidecar ran on, deciding nothing
+    cfg = effective_config(_args("--profile", "llama2-70b-h100-tp8", "--router", "http://127.0.0.1:30000"))
+    with pytest.raises(ConfigError, match=r"slo\.tpot_ms=20\.0: profile 'llama2-70b-h100\S*' decodes no faster "
+                                          r"than 29\.8 ms per token \(batch 1, context 576\)"):
+        build_spec(cfg)
+    # at the floor's side of it, the same profile starts
+    ok = effective_config(_args("--profile", "llama2-70b-h100-tp8", "--router", "http://127.0.0.1:30000",
+                                "--tpot-ms", "31"))
+    assert build_spec(ok).objectives.tpot_ms == 31.0
+
+
+def test_run_refuses_an_unreachable_tpot_before_starting(capsys):
+    rc = main(["run", "--profile", "llama2-70b-a100-tp4", "--router", "http://127.0.0.1:9", "--tpot-ms", "30"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "slo.tpot_ms=30.0" in err and "45" in err
 
 
 def test_help_ends_with_an_example():

@@ -156,6 +156,7 @@ def test_observed_latencies_ignore_failures_and_nan():
 def _cfg(**tel):
     return config_from_dict({
         "hardware": {"profile": str(PROFILES / "llama2-70b-h100-tp8.yaml")},
+        "slo": {"tpot_ms": 50.0},  # reachable on this profile (batch 1 decodes at ~30 ms)
         "control": {"tick_period_s": 5.0, "window_s": 60.0, "min_samples": 20},
         "telemetry": {"zmq_endpoints": ["tcp://127.0.0.1:1"], **tel},
     })
