@@ -173,6 +173,12 @@ def _tpot_table(profile: Profile) -> TpotTable:
     return hit[1]
 
 
+
+def prefix_cache_blocks(profile: Profile, override: int = 0) -> int:
+    """Prefix-cache blocks per prefill instance: `override`, else what the profile's KV capacity holds."""
+    kv = profile.decode_curve.kv_capacity_tokens if profile.decode_curve is not None else None
+    return override or (int(float(kv) / MOONCAKE_BLOCK_TOKENS) if kv else 1 << 20)
+
 class Fleet:
     def __init__(self, trace: Trace, profile: Profile, cfg: SimConfig, n_prefill: int, n_decode: int, overhead_s: float) -> None:
         self.trace = trace
@@ -196,8 +202,7 @@ class Fleet:
         self.tpot = _tpot_table(profile)
         kv = profile.decode_curve.kv_capacity_tokens if profile.decode_curve is not None else None
         self.kv_cap = float(kv) if kv else math.inf
-        blocks = cfg.prefix_cache_blocks or (int(self.kv_cap / MOONCAKE_BLOCK_TOKENS) if math.isfinite(self.kv_cap) else 1 << 20)
-        self.cache_blocks = blocks
+        self.cache_blocks = prefix_cache_blocks(profile, cfg.prefix_cache_blocks)
         self.instances: list[Instance] = []
         self.heap: list[tuple[float, int, int, int, int]] = []  # (t, seq, kind, a, b)
         self.seq = 0

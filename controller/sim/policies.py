@@ -27,6 +27,7 @@ Baselines, from their public descriptions:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -48,6 +49,7 @@ from controller.core.control.stages import best_split, record, stabilize
 from controller.core.control.types import ModelTarget
 from controller.core.prefill import QueueModel
 from controller.core.sizing import Hardware, Workload, instance_capacity
+from controller.sim.fleet import prefix_cache_blocks
 from controller.sim.traces import Trace
 
 POLICIES = ("slo", "static", "static-peak", "threshold", "throughput", "oracle")
@@ -82,21 +84,31 @@ def _trace_shape(trace: Trace, lo: float = -math.inf, hi: float = math.inf) -> t
     return float(inp.size / max(span, 1e-9)), float(inp.mean()), float(trace.output_tokens[m].mean()), min(hit, 0.99), samples
 
 
-def _hash_hit_estimate(trace: Trace, mask: np.ndarray) -> float:
-    """Share of prefix blocks seen before (an upper bound of what one shared cache could hit)."""
+def _hash_hit_estimate(trace: Trace, mask: np.ndarray, instances: int = 1, blocks: int | None = None) -> float:
+    """Share of prefix blocks seen before by the instance a request is sent to.
+
+    One instance, no capacity: an upper bound of what one shared cache could hit. Several: each has its
+    own LRU cache of `blocks` blocks (as in the simulated fleet, and in SGLang) and requests are dealt
+    out in turn, so a prefix hits only where an earlier request with it went to the same instance and
+    has not been evicted since.
+    """
     if trace.hash_ids is None:
         return 0.0
-    seen: set[int] = set()
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(max(1, instances))]
     hit = tot = 0
-    for i in np.flatnonzero(mask):
+    for j, i in enumerate(np.flatnonzero(mask)):
+        cache = caches[j % len(caches)]
         hs = trace.hash_ids[i].tolist()
         k = 0
         for h in hs:
-            if h in seen:
-                k += 1
-            else:
+            if h not in cache:
                 break
-        seen.update(hs)
+            cache.move_to_end(h)
+            k += 1
+        for h in hs[k:]:
+            cache[h] = None
+        while blocks is not None and len(cache) > blocks:
+            cache.popitem(last=False)
         hit += k
         tot += len(hs)
     return hit / tot if tot else 0.0
@@ -136,6 +148,19 @@ class Policy:
         first = self.ctx.trace.arrival_s[self.ctx.trace.arrival_s < horizon]
         rate = max(rate, float(np.bincount((first // 60.0).astype(np.int64)).max()) / 60.0)
         t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
+        tr = self.ctx.trace
+        if tr.hash_ids is not None and np.any(tr.cached_tokens[tr.arrival_s < horizon] < 0):
+            # prefix hits decided by per-instance caches: the hit rate of one shared cache (the trace's
+            # upper bound) started a cache-heavy fleet short by an instance for the whole start-up. The
+            # fleet's size and its hit rate depend on each other: a few rounds settle them
+            m = (tr.arrival_s >= 0.0) & (tr.arrival_s < horizon)
+            blocks = prefix_cache_blocks(self.ctx.spec.hardware.profile)
+            for _ in range(4):
+                hit_n = min(_hash_hit_estimate(tr, m, t.n_prefill, blocks), 0.99)
+                if hit_n == hit:
+                    break
+                hit = hit_n
+                t = model_target(self.ctx.spec, rate, lin, lout, hit, samples)
         # and for the work those minutes' arrivals bring at every time scale (core/backlog.py): a burst of
         # the first minutes is in the fleet the operator starts from, as in the one the controller plans
         t = t.at_least(*self._first_backlog_needs(hit, t))
