@@ -178,6 +178,8 @@ class ControlConfig(_Section):
     rise_prior_frac: float = Field(0.15, ge=0, description="assumed rise within a 10-minute lead time before any is learned")
     prefill_pooled: bool = Field(True, description="least-load routing: the prefill pool is one M/G/c queue")
     max_prefill_utilization: float = Field(0.85, gt=0, le=1, description="no prefill instance planned busier than this")
+    max_arrival_scv: float = Field(16.0, ge=1, description="bound on the arrival variability c_a^2 the prefill "
+                                   "queueing model reads from the window (1 = assume Poisson arrivals)")
     observed_need_hold_s: float = Field(30.0, ge=0, description="observed decode need must hold this long")
     decode_margin_z: float = Field(1.0, ge=0)
     burst_bin_s: float = Field(10.0, gt=0)

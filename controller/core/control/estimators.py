@@ -171,6 +171,27 @@ def peak_rate(window: EventWindow, t0: float, t1: float, bin_s: float, q: float)
     return burst_rate(counts, q, bin_s)
 
 
+def arrival_scv(arrival_s: FloatArray, t0: float, t1: float, bin_s: float) -> float | None:
+    """Arrival variability c_a^2 for the queueing model: the index of dispersion of counts,
+    Var(N) / E(N), over bins of bin_s seconds in [t0, t1).
+
+    For a renewal process IDC(tau) tends to c_a^2 (the squared CV of inter-arrival times) as tau grows;
+    Poisson arrivals give 1. Bins of the TTFT budget measure the variability at the time scale the
+    objective sees (a burst the queue absorbs within the budget counts less than one it does not).
+    None with fewer than 4 bins or no arrivals.
+    """
+    nb = int((t1 - t0) // bin_s)
+    if nb < 4 or arrival_s.size == 0:
+        return None
+    lo = t1 - nb * bin_s
+    a = arrival_s[(arrival_s >= lo) & (arrival_s < t1)]
+    if a.size == 0:
+        return None
+    counts = np.bincount(((a - lo) // bin_s).astype(np.int64), minlength=nb)[:nb]
+    mean = float(np.mean(counts))
+    return float(np.var(counts)) / mean
+
+
 def burst_rate(counts: np.ndarray, q: float, bin_s: float) -> float:
     """The q-quantile rate over bins, less the Poisson spread the decode margin already covers.
 

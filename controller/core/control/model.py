@@ -28,7 +28,7 @@ from controller.core.control.params import ControlSpec
 from controller.core.control.types import ModelTarget
 from controller.core.decode import DecodeProfile
 from controller.core.pooled import pooled_max_rate_rps, pooled_need, pooled_ttft_s
-from controller.core.prefill import PrefillCurve
+from controller.core.prefill import PrefillCurve, ServiceTime
 from controller.core.sizing import (
     Deployment,
     Hardware,
@@ -115,6 +115,19 @@ def workload_shape(input_len_mean: float, output_len_mean: float, cache_hit_rate
     return (_q(input_len_mean), _q(output_len_mean), round(cache_hit_rate, 2), input_samples)
 
 
+def _with_arrival_scv(svc: ServiceTime, arrival_scv: float) -> ServiceTime:
+    """The service time whose Allen-Cunneen factor (1 + SCV') / 2 equals (c_a^2 + SCV) / 2.
+
+    The pooled model's wait tail has rate (c/E[S] - lambda) * 2 / (1 + SCV); raising the second moment by
+    E[S]^2 (c_a^2 - 1) turns it into GI/G/c's without touching the mean or the samples the sojourn is
+    convolved with. c_a^2 is put on a 1/8 grid so the memoized queueing answers repeat.
+    """
+    ca2 = round(arrival_scv * 8.0) / 8.0
+    if ca2 <= 1.0:
+        return svc
+    return ServiceTime(svc.mean_s, svc.second_moment_s2 + svc.mean_s ** 2 * (ca2 - 1.0), svc.samples_s)
+
+
 @lru_cache(maxsize=256)
 def _predict(spec: ControlSpec, shape: Shape, ks: tuple[float, float], ip: int, idd: int,
              rate_q: float) -> tuple[float | None, float | None]:
@@ -135,14 +148,19 @@ def model_target(
     tpot_scale: float = 1.0,
     decode_rate_rps: float | None = None,
     at: tuple[int, int] | None = None,
+    arrival_scv: float = 1.0,
 ) -> ModelTarget:
-    """Pool sizes for `rate_rps` of this shape. Raises InfeasibleError if no instance meets the objectives."""
+    """Pool sizes for `rate_rps` of this shape. Raises InfeasibleError if no instance meets the objectives.
+
+    `arrival_scv`: the arrivals' variability c_a^2 (1 = Poisson); the pooled prefill wait is scaled by
+    (c_a^2 + c_s^2) / (1 + c_s^2), M/G/c -> GI/G/c (Allen-Cunneen).
+    """
     shape = workload_shape(input_len_mean, output_len_mean, cache_hit_rate, input_samples)
     ks = (_q(prefill_scale, 50), _q(tpot_scale, 50))  # ~1.4% grid: memo hits while calibration drifts
     cap, decode_rate, b_target = _capacity(spec, shape, ks)
     q = spec.hardware.queueing
     obj = spec.objectives
-    svc = cap.prefill_service.for_model(q.model)
+    svc = _with_arrival_scv(cap.prefill_service.for_model(q.model), arrival_scv)
     if spec.params.prefill_pooled:
         n_p = pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups)
         n_p = max(n_p, rate_rps * svc.mean_s / spec.params.max_prefill_utilization)

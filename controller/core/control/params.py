@@ -57,6 +57,10 @@ class ControlParams:
     # no prefill instance planned above this busy share, whatever the queueing model allows: arrivals
     # burstier than Poisson (inter-arrival CV > 1 in production traces) queue far more near saturation
     max_prefill_utilization: float = 0.85
+    # GI/G/c: the prefill wait scales with (c_a^2 + c_s^2) / 2 (Allen-Cunneen), c_a^2 read from the window's
+    # arrivals (index of dispersion at the TTFT budget's time scale), within [1, max_arrival_scv]: never
+    # below Poisson (a calm window says little of the next), and bounded (one burst in a short window)
+    max_arrival_scv: float = 16.0  # 1 = Poisson arrivals assumed (the model before the sixth session)
     # the decode need read from the observed running batch must hold this long (a drained prefill
     # backlog floods decode for a moment; a cold start to serve that moment arrives after it)
     observed_need_hold_s: float = 30.0
@@ -106,6 +110,8 @@ class ControlParams:
             raise ModelInputError("feedback_gain", self.feedback_gain,
                                   f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
                                   f"feedback_max >= 1 (got {self.feedback_max})")
+        if not (self.max_arrival_scv >= 1 and math.isfinite(self.max_arrival_scv)):
+            raise ModelInputError("max_arrival_scv", self.max_arrival_scv, "must be a finite number >= 1 (1 = Poisson)")
         if not (0 < self.max_prefill_utilization <= 1):
             raise ModelInputError("max_prefill_utilization", self.max_prefill_utilization, "must be in (0, 1]")
         if not (self.observed_need_hold_s >= 0 and math.isfinite(self.observed_need_hold_s)):

@@ -24,6 +24,7 @@ from controller.core.control.estimators import (
     ARRIVAL_HISTORY,
     ArrivalWindow,
     EventWindow,
+    arrival_scv,
     estimate,
     from_arrivals,
     input_quantiles,
@@ -281,21 +282,31 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     shape = state.shape if (thin is not None and state.shape is not None and arrival_samples is None) else sticky_shape(
         state.shape, workload_shape(est.input_len_mean, est.output_len_mean, est.cache_hit_rate, samples))
     new_state = replace(new_state, shape=shape)
+    reqs = _window_requests(cfg, arrivals if covered_arrivals else None, window, now, est)
+    # the arrivals' variability at the TTFT budget's time scale, for the GI/G/c prefill wait (model.py)
+    ca2 = 1.0
+    if reqs is not None and p.max_arrival_scv > 1.0:
+        tau = max(cfg.objectives.ttft_budget_s, 1.0)
+        idc = arrival_scv(reqs[0], now - p.window_s, now, tau)
+        if idc is not None:
+            ca2 = min(max(idc, 1.0), p.max_arrival_scv)
+    est = replace(est, arrival_scv=ca2)
     try:
         # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst. Prefill's
         # queue absorbs a burst shorter than its TTFT budget only: one lasting a burst bin or longer
         # (bins >= the budget) must be served at its own rate
         peak_p = est.peak_rate_rps if p.burst_bin_s >= cfg.objectives.ttft_budget_s else 0.0
         target = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
-                              calib.prefill_scale, calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps))
+                              calib.prefill_scale, calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps),
+                              arrival_scv=ca2)
         if fleet.serving_prefill > 0 and fleet.serving_decode > 0 and est.arrival_rate_rps > 0:
             # the model's tail at the fleet as it serves now and the load as observed: beside the observed tail
             predicted_q = model_target(
                 cfg, est.arrival_rate_rps, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
-                calib.tpot_scale, at=(fleet.serving_prefill, fleet.serving_decode)).predicted_ttft_s
+                calib.tpot_scale, at=(fleet.serving_prefill, fleet.serving_decode), arrival_scv=ca2).predicted_ttft_s
         now_t = model_target(cfg, max(est.arrival_rate_rps, 1e-9), shape[0], shape[1], shape[2], shape[3],
                              calib.prefill_scale, calib.tpot_scale,
-                             decode_rate_rps=max(est.arrival_rate_rps, est.peak_rate_rps))
+                             decode_rate_rps=max(est.arrival_rate_rps, est.peak_rate_rps), arrival_scv=ca2)
     except (InfeasibleError, ModelInputError) as e:
         decisions.append(Decision("fleet", Reason.INFEASIBLE, str(e)))
         return result([], new_state, None, cur_p, cur_d)
@@ -305,7 +316,6 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     target, needs = _observed_decode_need(target, obs, state.observed_needs, now, min(p.observed_need_hold_s, lead))
     new_state = replace(new_state, observed_needs=needs)
     target = _with_headroom(target, feedback, decisions)
-    reqs = _window_requests(cfg, arrivals if covered_arrivals else None, window, now, est)
     backlog = decode_backlog = None
     if reqs is not None:
         obj = cfg.objectives
@@ -331,7 +341,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     held_p = max(held_rate(rates, now, p.regrow_hold_s, use_peak=peak_p > 0), 1e-9)
     held_d = max(held_rate(rates, now, p.regrow_hold_s, use_peak=True), 1e-9)
     held = model_target(cfg, held_p, shape[0], shape[1], shape[2], shape[3], calib.prefill_scale,
-                        calib.tpot_scale, decode_rate_rps=held_d)
+                        calib.tpot_scale, decode_rate_rps=held_d, arrival_scv=ca2)
     ctx = Context(
         history=history, burn=burn, prefill_busy=obs.stats.prefill_busy_fraction,
         decode_batch=obs.stats.decode_running_mean,

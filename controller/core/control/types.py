@@ -155,6 +155,7 @@ class Estimates:
     newest_age_s: float
     lengths_from_history: bool = False  # lengths carried over from before the window (idle window)
     peak_rate_rps: float = 0.0  # a high quantile of the arrival rate over short bins (burstiness)
+    arrival_scv: float = 1.0  # c_a^2 the prefill queueing model uses (index of dispersion; 1 = Poisson)
 
 
 @dataclass(frozen=True)
