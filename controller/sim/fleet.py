@@ -173,11 +173,30 @@ def _tpot_table(profile: Profile) -> TpotTable:
     return hit[1]
 
 
-
 def prefix_cache_blocks(profile: Profile, override: int = 0) -> int:
     """Prefix-cache blocks per prefill instance: `override`, else what the profile's KV capacity holds."""
     kv = profile.decode_curve.kv_capacity_tokens if profile.decode_curve is not None else None
     return override or (int(float(kv) / MOONCAKE_BLOCK_TOKENS) if kv else 1 << 20)
+
+
+def lru_prefix_hit(cache: OrderedDict[int, None], hashes: list[int], blocks: int) -> int:
+    """Blocks of `hashes` found as a prefix in an LRU block cache, which then holds all of them.
+
+    A prefix hits up to its first missing block (SGLang's radix cache matches prefixes); the hits are
+    refreshed, the rest inserted, and the least recently used blocks evicted beyond `blocks`.
+    """
+    hit = 0
+    for h in hashes:
+        if h not in cache:
+            break
+        cache.move_to_end(h)
+        hit += 1
+    for h in hashes[hit:]:
+        cache[h] = None
+    while len(cache) > blocks:
+        cache.popitem(last=False)
+    return hit
+
 
 class Fleet:
     def __init__(self, trace: Trace, profile: Profile, cfg: SimConfig, n_prefill: int, n_decode: int, overhead_s: float) -> None:
@@ -382,19 +401,8 @@ class Fleet:
 
     def _lookup_cache(self, inst: Instance, rid: int) -> None:
         hashes = self.trace.hash_ids[rid] if self.trace.hash_ids is not None else np.zeros(0, np.int64)
-        cache = inst.cache
-        assert cache is not None
-        hit = 0
-        for h in hashes.tolist():
-            if h in cache:
-                hit += 1
-                cache.move_to_end(h)
-            else:
-                break
-        for h in hashes[hit:].tolist():
-            cache[h] = None
-        while len(cache) > self.cache_blocks:
-            cache.popitem(last=False)
+        assert inst.cache is not None
+        hit = lru_prefix_hit(inst.cache, hashes.tolist(), self.cache_blocks)
         cached = min(hit * MOONCAKE_BLOCK_TOKENS, int(self.inp[rid]) - 1)
         self.cached[rid] = max(cached, 0)
         self.svc[rid] = float(self.profile.prefill.time_s(max(self.inp[rid] - self.cached[rid], 1.0)))

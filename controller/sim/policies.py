@@ -49,7 +49,7 @@ from controller.core.control.stages import best_split, record, stabilize
 from controller.core.control.types import ModelTarget
 from controller.core.prefill import QueueModel
 from controller.core.sizing import Hardware, Workload, instance_capacity
-from controller.sim.fleet import prefix_cache_blocks
+from controller.sim.fleet import lru_prefix_hit, prefix_cache_blocks
 from controller.sim.traces import Trace
 
 POLICIES = ("slo", "static", "static-peak", "threshold", "throughput", "oracle")
@@ -84,10 +84,10 @@ def _trace_shape(trace: Trace, lo: float = -math.inf, hi: float = math.inf) -> t
     return float(inp.size / max(span, 1e-9)), float(inp.mean()), float(trace.output_tokens[m].mean()), min(hit, 0.99), samples
 
 
-def _hash_hit_estimate(trace: Trace, mask: np.ndarray, instances: int = 1, blocks: int | None = None) -> float:
+def _hash_hit_estimate(trace: Trace, mask: np.ndarray, instances: int = 1, blocks: int = 1 << 62) -> float:
     """Share of prefix blocks seen before by the instance a request is sent to.
 
-    One instance, no capacity: an upper bound of what one shared cache could hit. Several: each has its
+    One instance, no eviction (the default capacity): an upper bound of what one shared cache could hit. Several: each has its
     own LRU cache of `blocks` blocks (as in the simulated fleet, and in SGLang) and requests are dealt
     out in turn, so a prefix hits only where an earlier request with it went to the same instance and
     has not been evicted since.
@@ -97,19 +97,8 @@ def _hash_hit_estimate(trace: Trace, mask: np.ndarray, instances: int = 1, block
     caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(max(1, instances))]
     hit = tot = 0
     for j, i in enumerate(np.flatnonzero(mask)):
-        cache = caches[j % len(caches)]
         hs = trace.hash_ids[i].tolist()
-        k = 0
-        for h in hs:
-            if h not in cache:
-                break
-            cache.move_to_end(h)
-            k += 1
-        for h in hs[k:]:
-            cache[h] = None
-        while blocks is not None and len(cache) > blocks:
-            cache.popitem(last=False)
-        hit += k
+        hit += lru_prefix_hit(caches[j % len(caches)], hs, blocks)
         tot += len(hs)
     return hit / tot if tot else 0.0
 
