@@ -182,12 +182,12 @@ def objectives_and_hardware(cfg: Config) -> tuple[Objectives, Hardware]:
     except ModelInputError as e:
         raise ConfigError(f"slo: {e}") from None
     curve = prof.decode_curve
-    if curve is not None and hwc.decode_tps is None and slo.tpot_ms < curve.tpot_ms[0][0]:
-        # the grid is monotone in batch and context: its first cell is the fastest step the profile knows.
-        # Below it no fleet meets the objective; the controller would only log `infeasible` every tick.
+    if curve is not None and hwc.decode_tps is None and slo.tpot_ms < curve.fastest_tpot_ms:
+        # below the fastest step no fleet meets the objective, whatever the workload; the controller
+        # would only log `infeasible` every tick
         raise ConfigError(
             f"slo.tpot_ms={slo.tpot_ms!r}: profile {prof.name!r} decodes no faster than "
-            f"{curve.tpot_ms[0][0]:.1f} ms per token (batch {curve.batch[0]:g}, context {curve.context[0]:g}): "
+            f"{curve.fastest_tpot_ms:.1f} ms per token (batch {curve.batch[0]:g}, context {curve.context[0]:g}): "
             "no decode instance can meet it; raise slo.tpot_ms (run: --tpot-ms) or choose the profile of faster hardware"
         )
     return obj, Hardware(prof, QueueModel(hwc.prefill_model), hwc.decode_tps)

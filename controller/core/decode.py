@@ -76,6 +76,11 @@ class DecodeProfile:
     def max_batch(self) -> float:
         return self.batch[-1]
 
+    @property
+    def fastest_tpot_ms(self) -> float:
+        """The fastest step the profile knows, at any context: its first cell (monotone in both axes)."""
+        return self.tpot_ms[0][0]
+
     @cached_property
     def _axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return (np.asarray(self.batch, dtype=np.float64), np.asarray(self.context, dtype=np.float64),
