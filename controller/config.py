@@ -154,6 +154,8 @@ class ControlConfig(_Section):
     tolerance: float = Field(0.1, ge=0, lt=1)
     tolerance_up: float = Field(0.03, ge=0, lt=1)
     stabilization_up_s: float = Field(0.0, ge=0)
+    stabilization_up_quantile: float = Field(0.5, ge=0, le=1, description="scale up to this quantile of the up "
+                                             "window's recommendations (0 = HPA's minimum)")
     stabilization_down_s: float = Field(300.0, ge=0)
     min_prefill: int = Field(1, ge=1)
     max_prefill: int = Field(64, ge=1)

@@ -118,3 +118,30 @@ def test_a_shrink_lands_well_inside_the_band_of_the_count_it_shrinks_to():
             n, _ = tolerance_band(cur, float(need), 0.1, 0.03)
             if n < cur:  # what it shrank to wants neither to grow at this need nor at one 3 % higher
                 assert tolerance_band(n, float(need) * 1.03, 0.1, 0.03)[0] == n
+
+
+def test_stabilize_up_to_the_windows_median_not_its_minimum():
+    # a need climbing slowly across the boundary 4 -> 5: one tick in four falls back inside the band
+    hovering = tuple((float(t), 4 if t % 20 == 0 else 5) for t in range(-20, 65, 5))
+    assert stabilize(hovering, 60.0, 4, 60.0, 300.0)[0] == 4  # HPA's minimum: the wait restarts each time
+    assert stabilize(hovering, 60.0, 4, 60.0, 300.0, up_quantile=0.5)[0] == 5
+    # an excursion shorter than half the window still adds nothing
+    brief = tuple((float(t), 5 if t >= 40 else 4) for t in range(-20, 65, 5))
+    n, r = stabilize(brief, 60.0, 4, 60.0, 300.0, up_quantile=0.5)
+    assert n == 4 and r is Reason.STABILIZING
+    # the way down is unchanged: the window's maximum
+    falling = ((0.0, 7), (10.0, 5), (20.0, 4))
+    assert stabilize(falling, 20.0, 10, 0.0, 300.0, up_quantile=0.5)[0] == 7
+
+
+def test_the_up_median_waits_for_a_whole_window_of_history():
+    # first recommendation at t=30 (seeded with the current 1), asking 6 from then on: until the window
+    # holds a whole up window of history, HPA's minimum (the seed) holds it back
+    def recs(now: float) -> tuple[tuple[float, int], ...]:
+        return ((30.0, 1), *((float(t), 6) for t in range(30, int(now) + 1, 5)))
+
+    assert stabilize(recs(35.0), 35.0, 1, 60.0, 300.0, up_quantile=0.5)[0] == 1
+    assert stabilize(recs(90.0), 90.0, 1, 60.0, 300.0, up_quantile=0.5)[0] == 1
+    assert stabilize(recs(95.0), 95.0, 1, 60.0, 300.0, up_quantile=0.5)[0] == 6
+    # a window no longer than a tick (a 2-s flip's tenth of its lead) is the latest recommendation alone
+    assert stabilize(((0.0, 4), (5.0, 4), (10.0, 6)), 10.0, 4, 4.0, 300.0, up_quantile=0.5)[0] == 6

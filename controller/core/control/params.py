@@ -24,7 +24,10 @@ class ControlParams:
     max_age_s: float = 120.0  # newest sample older than this -> stale
     tolerance: float = 0.1  # HPA-style: ignore a need down to current x (1 - tolerance)
     tolerance_up: float = 0.03  # ... and up to current x (1 + tolerance_up): above it a breach is predicted
-    stabilization_up_s: float = 0.0  # up: min over this window (0 = act at once)
+    stabilization_up_s: float = 0.0  # up: over this window (0 = act at once; at least up_window_s, below)
+    # up to this quantile of the up window's recommendations (0 = HPA's minimum): the median rises once
+    # half the window asks for more, so one tick back inside the tolerance band does not restart the wait
+    stabilization_up_quantile: float = 0.5
     stabilization_down_s: float = 300.0  # down: max over this window
     min_prefill: int = 1
     max_prefill: int = 64
@@ -92,6 +95,8 @@ class ControlParams:
                 raise ModelInputError(name, v, "must be a non-negative number of seconds")
         if not (0 <= self.tolerance < 1):
             raise ModelInputError("tolerance", self.tolerance, "must be in [0, 1)")
+        if not (0 <= self.stabilization_up_quantile <= 1):
+            raise ModelInputError("stabilization_up_quantile", self.stabilization_up_quantile, "must be in [0, 1]")
         if not (0 <= self.tolerance_up < 1):
             raise ModelInputError("tolerance_up", self.tolerance_up, "must be in [0, 1)")
         for lo, hi in (("min_prefill", "max_prefill"), ("min_decode", "max_decode")):

@@ -45,11 +45,21 @@ def record(recs: Recs, now: float, n: int, keep_s: float, current: int | None = 
     return (*tuple(r for r in recs if r[0] >= now - keep_s), (now, n))
 
 
-def stabilize(recs: Recs, now: float, current: int, up_s: float, down_s: float) -> tuple[int, Reason | None]:
-    """HPA stabilization on time: up to the window minimum, down to the window maximum.
+def _lower_quantile(xs: list[int], q: float) -> int:
+    s = sorted(xs)
+    return s[int(q * (len(s) - 1))]
 
-    A rise happens only when every recommendation within `up_s` asks for more
-    (fast up: `up_s` is short); a fall only as far as the largest
+
+def stabilize(recs: Recs, now: float, current: int, up_s: float, down_s: float,
+              up_quantile: float = 0.0) -> tuple[int, Reason | None]:
+    """Stabilization on time: up to the window's `up_quantile` (HPA: 0, the minimum), down to its maximum.
+
+    With `up_quantile` 0 a rise happens only when every recommendation within
+    `up_s` asks for more; with 0.5, when at least half of them do: a need that
+    climbs slowly across an instance boundary hovers there, and one tick back
+    inside the tolerance band would restart HPA's window each time (a cold start
+    of minutes ordered minutes late), while an excursion shorter than half the
+    window still adds nothing. A fall goes only as far as the largest
     recommendation within `down_s` (slow down: `down_s` is long).
     `recs` must include the latest recommendation.
     """
@@ -59,7 +69,11 @@ def stabilize(recs: Recs, now: float, current: int, up_s: float, down_s: float) 
     ups = [n for t, n in recs if t >= now - up_s] or [latest]
     downs = [n for t, n in recs if t >= now - down_s] or [latest]
     out = current
-    up_rec, down_rec = min(ups), max(downs)
+    # the quantile needs a whole window of history (the first recommendation, seeded with the current
+    # count, older than the window): until then HPA's minimum, so a fresh history does not rise at once
+    covered = recs[0][0] < now - up_s
+    up_rec = _lower_quantile(ups, up_quantile) if up_quantile > 0 and up_s > 0 and covered else min(ups)
+    down_rec = max(downs)
     if out < up_rec:
         out = up_rec
     if out > down_rec:

@@ -440,7 +440,7 @@ def _pool_stages(
     if thin and n < cur:
         n = cur  # never scale down on thin or stale data
     recs = stages.record(recs, now, n, p.history_s, current=cur)
-    n2, r = stages.stabilize(recs, now, cur, p.up_window_s, p.stabilization_down_s)
+    n2, r = stages.stabilize(recs, now, cur, p.up_window_s, p.stabilization_down_s, p.stabilization_up_quantile)
     if r is not None:
         decisions.append(Decision(role.value, Reason.STABILIZING, f"recommendation {n}, holding {n2}"))
     n3, r = stages.bounds(n2, lo, hi)
@@ -516,6 +516,14 @@ def _tick_elastic(
     want_d, recs_d = _pool_stages(Role.DECODE, cur_d, target.n_decode_exact, st.recs_decode, thin, cfg, now, decisions)
     want_p = _safe_down(Role.PREFILL, cur_p, want_p, target, ctx, st.feedback, decisions)
     want_d = _safe_down(Role.DECODE, cur_d, want_d, target, ctx, st.feedback, decisions)
+    if now - st.start_s < p.regrow_hold_s and (want_p < cur_p or want_d < cur_d):
+        # the peak held over the regrow time is partial until the controller has seen that long: a
+        # pool given up now on a load still rising (a ramp read as flat by a young forecast) comes back
+        # a cold start later. A flip, which serves where the load is now, stays allowed.
+        decisions.append(Decision("fleet", Reason.SCALE_DOWN_RISK,
+                                  f"{now - st.start_s:.0f}s observed, less than the regrow window of "
+                                  f"{p.regrow_hold_s:.0f}s: no scale-down on partial data"))
+        want_p, want_d = max(want_p, cur_p), max(want_d, cur_d)
     st = replace(st, recs_prefill=recs_p, recs_decode=recs_d)
     # instantaneous need (no stabilization): what a pool could give up right now
     need_p = stages.bounds(target.n_prefill, p.min_prefill, p.max_prefill)[0]
@@ -529,9 +537,11 @@ def _tick_elastic(
     flip_up_s = max(p.stabilization_up_s, 0.1 * p.flip_lead_s)
     fdp, fdd = dp, dd
     if flip_faster:
-        fp = stages.bounds(stages.stabilize(recs_p, now, cur_p, flip_up_s, p.stabilization_down_s)[0],
+        fp = stages.bounds(stages.stabilize(recs_p, now, cur_p, flip_up_s, p.stabilization_down_s,
+                                            p.stabilization_up_quantile)[0],
                            p.min_prefill, p.max_prefill)[0]
-        fd = stages.bounds(stages.stabilize(recs_d, now, cur_d, flip_up_s, p.stabilization_down_s)[0],
+        fd = stages.bounds(stages.stabilize(recs_d, now, cur_d, flip_up_s, p.stabilization_down_s,
+                                            p.stabilization_up_quantile)[0],
                            p.min_decode, p.max_decode)[0]
         fdp, fdd = max(dp, fp - cur_p), max(dd, fd - cur_d)
     for role, short, other_cur, other_need, other_serving, other_now in (
