@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from controller.core.control import ControlParams
 from controller.core.control.calibration import (
@@ -98,6 +101,35 @@ def test_forecast_follows_a_ramp_and_sizes_for_the_horizon_max():
         st2 = update(st2, 30.0 - 0.02 * t, float(t), p)
     f2 = forecast(st2, 600.0, 300.0, p)
     assert f2.max_rps >= f2.level_rps
+
+
+def test_a_rise_under_way_counts_before_its_samples_mature():
+    """A ramp with a 10-min cold start: no sample has matured in the first lead time, but the oldest
+    ones have already seen most of their rise; the forecast reads it (a lower bound) instead of the prior."""
+    p = ControlParams(cold_start_s=600.0)
+
+    def rate(t: float) -> float:
+        return 4.0 + 0.016 * t  # 4 -> 13.6 req/s in 10 minutes
+
+    st = ForecastState()
+    for t in range(0, 600, 5):
+        st = update(st, rate(float(t)), float(t), p)
+    assert not st.rise_ratios and len(st.pending) >= p.rise_min_samples
+    f = forecast(st, 595.0, 600.0, p)
+    f_matured_only = forecast(replace(st, pending=()), 595.0, 600.0, p)
+    assert f.max_rps >= f.level_rps + 0.8 * (rate(595.0) - rate(60.0))
+    assert f.max_rps > f_matured_only.max_rps + 2.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0.0, 50.0), min_size=5, max_size=200), st.sampled_from([60.0, 300.0, 600.0]))
+def test_samples_inside_their_lead_time_never_lower_the_forecast(rates, cold_start):
+    p = ControlParams(cold_start_s=cold_start)
+    s = ForecastState()
+    for i, r in enumerate(rates):
+        s = update(s, r, 5.0 * i, p)
+    now = 5.0 * len(rates)
+    assert forecast(s, now, cold_start, p).max_rps >= forecast(replace(s, pending=()), now, cold_start, p).max_rps - 1e-9
 
 
 def test_seasonal_component_anticipates_yesterdays_rise():

@@ -9,7 +9,8 @@ sizes for the forecast *maximum* over the lead time an action needs, plus z
 standard deviations of the one-step forecast residuals, and at least the
 level plus the q-quantile of how far the load has risen within one lead
 time in the recent past (learned online: each sample's level is compared
-with the maximum rate seen during the lead time that followed it).
+with the maximum rate seen during the lead time that followed it; samples
+still inside their lead time count with their rise so far, a lower bound).
 """
 
 from __future__ import annotations
@@ -132,10 +133,18 @@ def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) 
     top += p.forecast_z * math.sqrt(max(st.resid_var, 0.0))
     # history-aware margin: the q-quantile of how far load has risen within one lead time
     # (additive, in req/s: a ratio to a near-idle level would explode after idle gaps)
-    if len(st.rise_ratios) >= p.rise_min_samples and p.rise_quantile > 0:
-        rise = float(np.quantile(np.asarray(st.rise_ratios), p.rise_quantile))
-        top = max(top, level + max(rise, 0.0))
-    elif p.rise_prior_frac > 0:
-        # nothing learned yet: a prior rise, pro rata to the horizon (a cold start of 10 min: the full share)
+    # with the samples still inside their lead time: each one's rise so far is a lower bound of its rise
+    # (a ramp under way shows there a lead time before any sample matures; the first maturing ones take
+    # two lead times to count rise_min_samples, and on a ramp with a 10-min cold start that is too late)
+    # (max with the matured samples' own quantile: the young ones, a rise of ~0 so far, must not dilute it)
+    if p.rise_quantile > 0:
+        with_pending = st.rise_ratios + tuple(peak - lvl for _, lvl, peak in st.pending)
+        for learned in (st.rise_ratios, with_pending):
+            if len(learned) >= p.rise_min_samples:
+                rise = float(np.quantile(np.asarray(learned), p.rise_quantile))
+                top = max(top, level + max(rise, 0.0))
+    if len(st.rise_ratios) < p.rise_min_samples and p.rise_prior_frac > 0:
+        # fewer matured than rise_min_samples: the prior rise as well, pro rata to the horizon
+        # (a cold start of 10 min: the full share)
         top = max(top, level * (1.0 + p.rise_prior_frac * min(1.0, horizon_s / 600.0)))
     return Forecast(level, st.trend, seasonal, horizon_s, max(top, 0.0))
