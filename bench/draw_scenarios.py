@@ -12,7 +12,9 @@ draw can be repeated and a new seed gives scenarios nobody has looked at:
 A draw whose objective no instance of its profile can meet at any load (an idle prefill
 instance already misses the TTFT quantile) is redrawn: it would measure nothing. TPOT is
 drawn within 30-60 ms and at least 1.4x the profile's fastest token. Fixed budgets are
-sized at 1.25x the GPUs of the source method's static plan for the draw's whole-trace means.
+sized at 1.25x the GPUs of the source method's static plan for the draw's busiest minute
+(the plan for its whole-trace means left budgets of one instance per pool where every policy fails),
+and at least four instances, so that there is a split to move.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from controller.core.errors import InfeasibleError  # noqa: E402
 from controller.profiles import PROFILES_DIR, known_profiles, load_profile  # noqa: E402
-from controller.sim.policies import StaticPolicy, make_policy  # noqa: E402
+from controller.sim.policies import StaticPeakPolicy, make_policy  # noqa: E402
 from controller.sim.scenarios import Scenario, build  # noqa: E402
 
 AZURE = "data/traces/azure-llm-2023/AzureLLMInferenceTrace_{}.csv"
@@ -83,7 +85,7 @@ def _draw(rng: random.Random, seed: int, i: int, profiles: list[str]) -> dict[st
 
 
 def _with_budget(d: dict[str, Any]) -> dict[str, Any] | None:
-    """A fixed budget of 1.25x the source method's static plan (None if the objective is infeasible)."""
+    """A fixed budget of 1.25x the source method's plan for the busiest minute (None if infeasible)."""
     elastic = Scenario.model_validate({**d, "mode": "elastic"})
     ctx, _ = build(elastic, REPO)
     try:
@@ -93,12 +95,12 @@ def _with_budget(d: dict[str, Any]) -> dict[str, Any] | None:
     if d["mode"] != "fixed":
         return d
     try:
-        p, dd = StaticPolicy(ctx).initial()
+        p, dd = StaticPeakPolicy(ctx).initial()
     except InfeasibleError:  # the source method's M/M/1 can be where M/G/1 is not: no plan to size from
         return None
     prof = ctx.profile
     per = max(prof.prefill_gpus_per_instance, prof.decode_gpus_per_instance)
-    return {**d, "gpus": max(2, round(1.25 * (p + dd))) * per}
+    return {**d, "gpus": max(4, round(1.25 * (p + dd))) * per}  # at least 4 instances: a split to move
 
 
 def main() -> int:

@@ -133,10 +133,10 @@ def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) 
     top += p.forecast_z * math.sqrt(max(st.resid_var, 0.0))
     # history-aware margin: the q-quantile of how far load has risen within one lead time
     # (additive, in req/s: a ratio to a near-idle level would explode after idle gaps)
-    # with the samples still inside their lead time: each one's rise so far is a lower bound of its rise
-    # (a ramp under way shows there a lead time before any sample matures; the first maturing ones take
-    # two lead times to count rise_min_samples, and on a ramp with a 10-min cold start that is too late)
-    # (max with the matured samples' own quantile: the young ones, a rise of ~0 so far, must not dilute it)
+    # Samples still inside their lead time count too: each one's rise so far is a lower bound of its
+    # rise, and a ramp under way shows there a lead time before any sample matures (ten matured samples
+    # take two lead times). Taken as a max with the matured samples' own quantile, so the young ones
+    # (risen ~0 so far) never dilute it.
     if p.rise_quantile > 0:
         with_pending = st.rise_ratios + tuple(peak - lvl for _, lvl, peak in st.pending)
         for learned in (st.rise_ratios, with_pending):
