@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import importlib.util
 from pathlib import Path
+
+import pytest
 
 from controller.sim.scenarios import load_scenario
 
 REPO = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("draw_scenarios", REPO / "bench" / "draw_scenarios.py")
+assert _spec is not None and _spec.loader is not None
+draw_scenarios = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(draw_scenarios)
 
 
-def _draw(seed: int, out: Path) -> list[Path]:
-    subprocess.run([sys.executable, str(REPO / "bench" / "draw_scenarios.py"), "--seed", str(seed), "--count", "6",
-                    "--out", str(out)], check=True, capture_output=True, cwd=REPO)
-    return sorted(out.glob("*.yaml"))
+@pytest.fixture
+def _draw(monkeypatch: pytest.MonkeyPatch):
+    def draw(seed: int, out: Path) -> list[Path]:
+        monkeypatch.setattr("sys.argv", ["draw_scenarios.py", "--seed", str(seed), "--count", "6", "--out", str(out)])
+        assert draw_scenarios.main() == 0
+        return sorted(out.glob("*.yaml"))
+    return draw
 
 
-def test_draws_are_valid_feasible_and_repeatable(tmp_path: Path) -> None:
+def test_draws_are_valid_feasible_and_repeatable(tmp_path: Path, _draw) -> None:
     a = _draw(5, tmp_path / "a")
     b = _draw(5, tmp_path / "b")
     assert len(a) == 6 and [p.read_text() for p in a] == [p.read_text() for p in b]
