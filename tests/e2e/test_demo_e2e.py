@@ -95,10 +95,13 @@ def test_demo_interrupted_stops_everything(tmp_path):
         needles = started_by(work)
         assert processes_mentioning(needles), "the demo's processes should be running now"
         p.send_signal(signal.SIGINT)
-        rc = p.wait(timeout=120)
+        # keep reading while it shuts down: the demo and its children write to this pipe, and a full
+        # pipe nobody reads blocks them mid-shutdown (the test then timed out, not the demo)
+        p.communicate(timeout=120)
+        rc = p.returncode
     finally:
         if p.poll() is None:
             p.kill()
-            p.wait()
+            p.communicate()
     assert rc == 130
     assert wait_gone(needles) == []
