@@ -85,6 +85,9 @@ def test_demo_interrupted_stops_everything(tmp_path):
         [sys.executable, "-m", "controller", "demo", "--duration-s", "120", "--workdir", str(work),
          "--plot", str(tmp_path / "x.png")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C at a terminal: the demo starts with SIGINT at its default. A suite started as a background
+        # job of a non-interactive shell inherits SIGINT ignored (POSIX), and an ignored SIGINT is never seen
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert p.stdout is not None
