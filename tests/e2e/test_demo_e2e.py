@@ -99,7 +99,7 @@ def test_demo_interrupted_stops_everything(tmp_path):
         assert processes_mentioning(needles), "the demo's processes should be running now"
         p.send_signal(signal.SIGINT)
         # keep reading while it shuts down: the demo and its children write to this pipe, and a full
-        # pipe nobody reads blocks them mid-shutdown (the test then timed out, not the demo)
+        # pipe nobody reads would block them mid-shutdown
         p.communicate(timeout=120)
         rc = p.returncode
     finally:

@@ -24,7 +24,7 @@ class ControlParams:
     max_age_s: float = 120.0  # newest sample older than this -> stale
     tolerance: float = 0.1  # HPA-style: ignore a need down to current x (1 - tolerance)
     tolerance_up: float = 0.03  # ... and up to current x (1 + tolerance_up): above it a breach is predicted
-    stabilization_up_s: float = 0.0  # up: over this window (0 = act at once; at least up_window_s, below)
+    stabilization_up_s: float = 0.0  # up: at least this window (up_window_s below adds a tenth of the lead)
     # up to this quantile of the up window's recommendations (0 = HPA's minimum): the median rises once
     # half the window asks for more, so one tick back inside the tolerance band does not restart the wait
     stabilization_up_quantile: float = 0.5
