@@ -149,11 +149,16 @@ def model_target(
     decode_rate_rps: float | None = None,
     at: tuple[int, int] | None = None,
     arrival_scv: float = 1.0,
+    utilization_rate_rps: float | None = None,
 ) -> ModelTarget:
     """Pool sizes for `rate_rps` of this shape. Raises InfeasibleError if no instance meets the objectives.
 
     `arrival_scv`: the arrivals' variability c_a^2 (1 = Poisson); the pooled prefill wait is scaled by
     (c_a^2 + c_s^2) / (1 + c_s^2), M/G/c -> GI/G/c (Allen-Cunneen).
+    `utilization_rate_rps`: the rate the prefill busy-share cap applies to (default `rate_rps`). The cap
+    is a margin for the queueing model's error near saturation at the load served; a forecast maximum
+    already carries its own margin for growth, and the cap on top of it would count both (the pooled
+    model alone must still hold the objective at `rate_rps`).
     """
     shape = workload_shape(input_len_mean, output_len_mean, cache_hit_rate, input_samples)
     ks = (_q(prefill_scale, 50), _q(tpot_scale, 50))  # ~1.4% grid: memo hits while calibration drifts
@@ -161,15 +166,16 @@ def model_target(
     q = spec.hardware.queueing
     obj = spec.objectives
     svc = _with_arrival_scv(cap.prefill_service.for_model(q.model), arrival_scv)
+    util_rate = rate_rps if utilization_rate_rps is None else min(utilization_rate_rps, rate_rps)
+    util_need = util_rate * svc.mean_s / spec.params.max_prefill_utilization
     if spec.params.prefill_pooled:
-        n_p = pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups)
-        n_p = max(n_p, rate_rps * svc.mean_s / spec.params.max_prefill_utilization)
+        n_p = max(pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups), util_need)
         k = max(1, math.ceil(n_p - 1e-9))
         group = svc.scaled(float(q.dp_groups)) if q.dp_groups > 1 else svc
         per_instance = pooled_max_rate_rps(k * q.dp_groups, group, obj.ttft_budget_s, obj.ttft_quantile) / k
     else:
         per_instance = min(cap.prefill_rate_rps, spec.params.max_prefill_utilization / svc.mean_s)
-        n_p = rate_rps / per_instance
+        n_p = max(rate_rps / cap.prefill_rate_rps, util_need)
     # decode may be sized for a higher (peak) rate than prefill: it has no queue to absorb bursts
     n_d = max(rate_rps, decode_rate_rps or 0.0) / decode_rate
     ip = max(1, math.ceil(n_p - 1e-9))

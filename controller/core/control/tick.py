@@ -113,6 +113,12 @@ class Context:
     # instance only while the serving rest carries this; cold starts still pending serve nothing yet
     now_prefill_need: float = 0.0
     now_decode_need: float = 0.0
+    # prefill instances the forecast maximum needs with the busy-share cap on it (headroom included):
+    # the plan grows on the pooled model at the forecast and the cap at the load observed, but gives an
+    # instance up (scale-down, flip donation) only where this stricter view agrees. Growing on the
+    # stricter view costs GPU-hours all along; shrinking on the looser one, when the load or the length
+    # mix then rises, costs a cold start of misses
+    shrink_prefill_need: float = 0.0
 
 
 def initial_state(cfg: ControlSpec, now: float) -> ControllerState:
@@ -294,11 +300,14 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     try:
         # decode also covers the recent short-bin peak rate: it has no queue to absorb a burst. Prefill's
         # queue absorbs a burst shorter than its TTFT budget only: one lasting a burst bin or longer
-        # (bins >= the budget) must be served at its own rate
+        # (bins >= the budget) must be served at its own rate. The busy-share cap applies to the load
+        # observed: the forecast maximum carries its own margin for growth (model.py)
         peak_p = est.peak_rate_rps if p.burst_bin_s >= cfg.objectives.ttft_budget_s else 0.0
         target = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
                               calib.prefill_scale, calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps),
-                              arrival_scv=ca2)
+                              arrival_scv=ca2, utilization_rate_rps=max(est.arrival_rate_rps, 1e-9))
+        shrink_p = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
+                                calib.prefill_scale, calib.tpot_scale, arrival_scv=ca2).n_prefill_exact
         if fleet.serving_prefill > 0 and fleet.serving_decode > 0 and est.arrival_rate_rps > 0:
             # the model's tail at the fleet as it serves now and the load as observed: beside the observed tail
             predicted_q = model_target(
@@ -352,6 +361,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         now_prefill_need=max(now_t.n_prefill_exact * feedback.prefill_headroom, backlog or 0.0),
         now_decode_need=max(max(now_t.n_decode_exact, target.decode_observed_need or 0.0) * feedback.decode_headroom,
                             decode_backlog or 0.0),
+        shrink_prefill_need=max(shrink_p * feedback.prefill_headroom, backlog or 0.0),
     )
     if p.mode is Mode.FIXED:
         return _tick_fixed(new_state, fleet, cfg, now, target, thin is not None, decisions, result, ctx)
@@ -460,7 +470,8 @@ def _safe_down(role: Role, cur: int, want: int, target: ModelTarget, ctx: Contex
         return want
     if role is Role.PREFILL:
         floor = max(safe_down_floor(ctx.held_prefill_need, fb.prefill_headroom),
-                    math.ceil(ctx.held_prefill_backlog - 1e-9)) if hold else 1
+                    math.ceil(ctx.held_prefill_backlog - 1e-9),
+                    math.ceil(ctx.shrink_prefill_need - 1e-9)) if hold else 1
         util, util_target = ctx.prefill_busy, ctx.prefill_util_target
     else:
         floor = max(safe_down_floor(ctx.held_decode_need, fb.decode_headroom),
@@ -626,7 +637,8 @@ def _tick_fixed(
     h = ctx.history
     cur_p, cur_d = fleet.committed(Role.PREFILL), fleet.committed(Role.DECODE)
     total = cur_p + cur_d
-    pe, de = target.n_prefill_exact, target.n_decode_exact
+    # every move in a fixed budget shrinks one pool, so prefill's need is the stricter (shrink) view
+    pe, de = max(target.n_prefill_exact, ctx.shrink_prefill_need), target.n_decode_exact
     best = stages.best_split(pe, de, total, p.min_prefill, p.max_prefill, p.min_decode, p.max_decode, cur_p)
     cover_cur, cover_best = _cover(cur_p, cur_d, pe, de), _cover(best, total - best, pe, de)
     want = best
