@@ -171,6 +171,8 @@ class ControlConfig(_Section):
     level_tau_s: float = Field(30.0, gt=0)
     trend_tau_s: float = Field(300.0, gt=0)
     trend_damping_s: float = Field(600.0, ge=0)
+    trend_lcb_z: float = Field(2.0, ge=0, allow_inf_nan=False,
+                               description="a trend sustained over one lead time is extrapolated at slope - z SE (0 = off)")
     season_period_s: float = Field(86400.0, gt=0)
     season_bucket_s: float = Field(60.0, gt=0)
     forecast_z: float = Field(1.5, ge=0)

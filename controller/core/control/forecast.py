@@ -38,6 +38,8 @@ class ForecastState:
     pending: tuple[tuple[float, float, float], ...] = ()
     rise_ratios: tuple[float, ...] = ()  # req/s
     last_issue_s: float = -math.inf
+    # the rate observations of the last trend span, thinned (time, req/s): the sustained-trend fit
+    recent: tuple[tuple[float, float], ...] = ()
 
 
 def _ring(p: ControlParams) -> int:
@@ -90,8 +92,55 @@ def update(st: ForecastState, rate: float, now: float, p: ControlParams) -> Fore
         sr[b] = 0.8 * sr[b] + 0.2 * rate
     stt[b] = now
     pending, ratios, issued = _rise(st, rate, now, max(level, 0.0), p)
+    recent = st.recent
+    if not recent or now - recent[-1][0] >= p.window_s / 6.0:
+        keep = _trend_span_s(p)
+        recent = (*tuple(x for x in recent if x[0] >= now - keep), (now, rate))
     return replace(st, level=max(level, 0.0), trend=trend, resid_var=resid_var, last_s=now, season_rate=sr,
-                   season_time=stt, pending=pending, rise_ratios=ratios, last_issue_s=issued)
+                   season_time=stt, pending=pending, rise_ratios=ratios, last_issue_s=issued, recent=recent)
+
+
+def _trend_span_s(p: ControlParams) -> float:
+    """The sustained-trend fit reads one lead time of rates, at least four estimator windows."""
+    return max(p.lead_s, 4.0 * p.window_s)
+
+
+def sustained_rise(recent: tuple[tuple[float, float], ...], now: float, horizon_s: float,
+                   p: ControlParams) -> float | None:
+    """The rate a trend sustained over the last lead time reaches at now + horizon_s, or None.
+
+    Least squares over the span's rate observations; the slope is taken at its lower confidence bound,
+    slope - z * SE, and at most the later half's own slope, and only when positive: noise and a flat load
+    have none, a step none once it is half a span old, a ramp keeps most of its slope. The observations are windowed means, so neighbours share most of their requests: the
+    standard error counts span / window_s independent points, not one per tick. Extrapolated undamped
+    over the horizon from the later half's line at now (the Holt level lags a ramp by its smoothing time).
+    """
+    z = p.trend_lcb_z
+    if z <= 0 or len(recent) < 4:
+        return None
+    t = np.fromiter((x[0] for x in recent), float, len(recent))
+    r = np.fromiter((x[1] for x in recent), float, len(recent))
+    span = float(t[-1] - t[0])
+    n_eff = span / p.window_s
+    if n_eff < 4.0:
+        return None
+    tm, rm = float(t.mean()), float(r.mean())
+    sxx = float(np.sum((t - tm) ** 2))
+    b = float(np.sum((t - tm) * (r - rm))) / sxx
+    resid = r - rm - b * (t - tm)
+    s2 = float(np.sum(resid ** 2)) / max(len(t) - 2, 1)
+    se = math.sqrt(s2 / sxx * len(t) / max(n_eff - 2.0, 1.0))
+    # a step is not a trend: the line through a step slopes for a whole span after it, but the load
+    # since is flat. The later half must keep rising at that slope too (its own least-squares slope), and
+    # the extrapolation starts from the later half's line at now (the whole span's overshoots a step)
+    late = t >= t[0] + span / 2.0
+    tl, rl = t[late], r[late]
+    tlm, rlm = float(tl.mean()), float(rl.mean())
+    b_late = float(np.sum((tl - tlm) * (rl - rlm))) / max(float(np.sum((tl - tlm) ** 2)), 1e-9)
+    slope = min(b - z * se, b_late)
+    if slope <= 0:
+        return None
+    return rlm + b_late * (now - tlm) + slope * horizon_s
 
 
 def _seasonal_delta(st: ForecastState, now: float, horizon_s: float, p: ControlParams) -> float | None:
@@ -131,6 +180,11 @@ def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) 
     seasonal = None if sdelta is None else level + sdelta
     top = holt_max if seasonal is None else max(holt_max, seasonal)
     top += p.forecast_z * math.sqrt(max(st.resid_var, 0.0))
+    # a trend sustained over the last lead time, at its lower confidence bound: the damped Holt trend
+    # keeps ~half of a steady ramp over a 10-minute cold start, which orders capacity a cold start late
+    sustained = sustained_rise(st.recent, now, horizon_s, p)
+    if sustained is not None:
+        top = max(top, sustained)
     # history-aware margin: the q-quantile of how far load has risen within one lead time
     # (additive, in req/s: a ratio to a near-idle level would explode after idle gaps)
     # Samples still inside their lead time count too: each one's rise so far is a lower bound of its

@@ -44,6 +44,9 @@ class ControlParams:
     level_tau_s: float = 30.0  # Holt level smoothing time constant
     trend_tau_s: float = 300.0  # Holt trend smoothing time constant
     trend_damping_s: float = 600.0  # how long a trend is extrapolated (damped trend; ~ a long cold start); 0 = no trend
+    # a trend sustained over one lead time is extrapolated undamped at its lower confidence bound, slope -
+    # z SE (forecast.sustained_rise): a ramp keeps most of its slope, noise none; 0 = off
+    trend_lcb_z: float = 2.0
     season_period_s: float = 86400.0  # seasonal (same time yesterday) component
     season_bucket_s: float = 60.0
     forecast_z: float = 1.5  # margin: z standard deviations of one-step residuals
@@ -115,6 +118,8 @@ class ControlParams:
             raise ModelInputError("feedback_gain", self.feedback_gain,
                                   f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
                                   f"feedback_max >= 1 (got {self.feedback_max})")
+        if not (self.trend_lcb_z >= 0 and math.isfinite(self.trend_lcb_z)):
+            raise ModelInputError("trend_lcb_z", self.trend_lcb_z, "must be a finite number >= 0 (0 = off)")
         if not (self.max_arrival_scv >= 1 and math.isfinite(self.max_arrival_scv)):
             raise ModelInputError("max_arrival_scv", self.max_arrival_scv, "must be a finite number >= 1 (1 = Poisson)")
         if not (0 < self.max_prefill_utilization <= 1):
