@@ -58,7 +58,7 @@ def test_demo_flips_with_zero_failures_and_cleans_up(tmp_path):
     plot = tmp_path / "demo.png"
     work = tmp_path / "work"
     r = subprocess.run(
-        [sys.executable, "-m", "controller", "demo", "--duration-s", "120", "--json", "--plot", str(plot),
+        [sys.executable, "-m", "controller", "demo", "--duration-s", "100", "--json", "--plot", str(plot),
          "--workdir", str(work)],
         capture_output=True, text=True, timeout=540,
     )
