@@ -611,17 +611,27 @@ def test_bursty_arrivals_plan_more_prefill_than_poisson_at_the_same_rate() -> No
     assert all(d.target.n_prefill_exact >= d.target.prefill_backlog_need - 1e-9 for d in bursty)
 
 
-def _simulate_slo(sc_fields: dict, until_s: float | None = None):
+def _simulate_slo(sc_fields: dict, until_s: float | None = None, params: dict | None = None):
     """slo on a scenario's simulated fleet; `until_s` cuts the built trace (after its rate scaling, so
     the traffic up to there is the full scenario's)."""
     from controller.sim.policies import make_policy
     from controller.sim.runner import simulate
     from controller.sim.scenarios import Scenario, build
 
-    ctx, sim = build(Scenario.model_validate(sc_fields))
+    ctx, sim = build(Scenario.model_validate(sc_fields), params=params)
     if until_s is not None:
         ctx = replace(ctx, trace=ctx.trace.window(0.0, until_s))
     return simulate(make_policy("slo", ctx), ctx, sim)
+
+
+def _azure_conv_first_10_min(rate_scale: float, seed: int, profile: str, objectives: dict, flip_time_s: float):
+    """The first 10 minutes of a 40-minute Azure conversation scenario with 600 s cold starts."""
+    from tests.conftest import DATA
+
+    conv = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv")
+    return _simulate_slo(dict(
+        name="conv", traffic=[dict(trace=conv, end_s=2400, rate_scale=rate_scale)], seed=seed, profile=profile,
+        objectives=objectives, mode="elastic", flip_time_s=flip_time_s, cold_start_s=600), until_s=600.0)
 
 
 def test_growth_caps_the_busy_share_at_the_load_observed_not_at_the_forecast() -> None:
@@ -629,13 +639,7 @@ def test_growth_caps_the_busy_share_at_the_load_observed_not_at_the_forecast() -
     minutes on virtual time). Two prefill instances carry it at 100 % attainment; with the 0.85 busy-share
     cap applied to the forecast maximum (itself ~17 % above the load, the margin for growth) the plan asked
     for a third within 90 s and kept it: two margins for one risk."""
-    from tests.conftest import DATA
-
-    conv = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv")
-    r = _simulate_slo(dict(
-        name="conv-dsv3", traffic=[dict(trace=conv, end_s=2400, rate_scale=3)], seed=11,
-        profile="deepseek-v3-h200-tp8", objectives=dict(ttft_s=3.0, ttft_quantile=0.9, tpot_ms=40),
-        mode="elastic", flip_time_s=30, cold_start_s=600), until_s=600.0)
+    r = _azure_conv_first_10_min(3, 11, "deepseek-v3-h200-tp8", dict(ttft_s=3.0, ttft_quantile=0.9, tpot_ms=40), 30)
     assert r.slo_attainment >= 0.99
     assert max(r.timeline.prefill) <= 2, "a third prefill instance for a load two carry"
 
@@ -647,13 +651,7 @@ def test_a_pool_gives_an_instance_only_where_the_stricter_view_agrees() -> None:
     looser view, the flip left four; input lengths then rose 25 % with the rate, and prefill missed for the
     8 minutes its cold start took (92 % attainment over the whole 40 minutes). Growth may use the looser
     view; giving up (a flip, a scale-down) uses the stricter."""
-    from tests.conftest import DATA
-
-    conv = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_conv.csv")
-    r = _simulate_slo(dict(
-        name="conv-a100", traffic=[dict(trace=conv, end_s=2400, rate_scale=2)], seed=0,
-        profile="llama2-70b-a100-tp4", objectives=dict(ttft_s=4.0, ttft_quantile=0.99, tpot_ms=60),
-        mode="elastic", flip_time_s=60, cold_start_s=600), until_s=600.0)
+    r = _azure_conv_first_10_min(2, 0, "llama2-70b-a100-tp4", dict(ttft_s=4.0, ttft_quantile=0.99, tpot_ms=60), 60)
     assert r.slo_attainment >= 0.99
     assert min(r.timeline.prefill) >= 5
 
@@ -685,17 +683,12 @@ def test_a_sustained_ramp_orders_capacity_a_cold_start_ahead(trend_lcb_z: float,
     and one instance carried minutes 16-20 (88 % over these 22 minutes, 96.6 % over the hour); the sustained
     trend orders it at minute 7 (97.5 % here, 99.3 % over the hour: the misses left are the minute before it
     serves)."""
-    from controller.sim.policies import make_policy
-    from controller.sim.runner import simulate
-    from controller.sim.scenarios import Scenario, build
     from tests.conftest import DATA
 
     code = str(DATA / "traces" / "azure-llm-2023" / "AzureLLMInferenceTrace_code.csv")
-    ctx, sim = build(Scenario.model_validate(dict(
+    r = _simulate_slo(dict(
         name="ramp-b200", traffic=[dict(generator="ramp", lengths_from=code, duration_s=3600, rate_rps=2,
                                         peak_rps=20, cv=1)],
         seed=8, profile="llama31-70b-b200-tp4", objectives=dict(ttft_s=2.0, ttft_quantile=0.99, tpot_ms=30),
-        mode="elastic", flip_time_s=60, cold_start_s=600)), params={"trend_lcb_z": trend_lcb_z})
-    ctx = replace(ctx, trace=ctx.trace.window(0.0, 1320.0))
-    r = simulate(make_policy("slo", ctx), ctx, sim)
+        mode="elastic", flip_time_s=60, cold_start_s=600), until_s=1320.0, params={"trend_lcb_z": trend_lcb_z})
     assert lo <= r.slo_attainment <= hi, r.slo_attainment
