@@ -87,6 +87,13 @@ oracle_window_s: 120
     rep2 = json.loads((out2 / "report.json").read_text())
     assert {j["label"] for j in rep2["jobs"]} == {"static", "static-best"}
     assert not (out2 / "plots").exists()
+    # slo against static-best alone (how drawn scenarios are scored quickly): no baseline, no frontier check
+    out5 = tmp_path / "out5"
+    assert main(["bench", "--scenario-dir", str(d), "--scenario", "tiny-e*", "--policy", "slo,static-best",
+                 "-j", "1", "--out", str(out5), "--no-plots"]) == 0
+    e5 = json.loads((out5 / "report.json").read_text())["rows"][0]
+    assert e5["checks"]["beyond_frontier"] == {"pass": None, "detail": "no baseline run"}
+    assert e5["checks"]["attainment"]["pass"] in (True, False, None)
     # iterate on the controller alone: slo is rerun, every other result comes from the first report
     out3 = tmp_path / "out3"
     assert main(["bench", "--scenario-dir", str(d), "--policy", "slo", "--reuse", str(out / "report.json"), "-j", "1",
