@@ -111,9 +111,10 @@ def sustained_rise(recent: tuple[tuple[float, float], ...], now: float, horizon_
 
     Least squares over the span's rate observations; the slope is taken at its lower confidence bound,
     slope - z * SE, and at most the later half's own slope, and only when positive: noise and a flat load
-    have none, a step none once it is half a span old, a ramp keeps most of its slope. The observations are windowed means, so neighbours share most of their requests: the
-    standard error counts span / window_s independent points, not one per tick. Extrapolated undamped
-    over the horizon from the later half's line at now (the Holt level lags a ramp by its smoothing time).
+    have none, a step none once it is half a span old, a ramp keeps most of its slope. The observations
+    are windowed means, so neighbours share most of their requests: the standard error counts
+    span / window_s independent points, not one per tick. Extrapolated undamped over the horizon from the
+    later half's line at now (the Holt level lags a ramp by its smoothing time).
     """
     z = p.trend_lcb_z
     if z <= 0 or len(recent) < 4:
@@ -181,7 +182,7 @@ def forecast(st: ForecastState, now: float, horizon_s: float, p: ControlParams) 
     top = holt_max if seasonal is None else max(holt_max, seasonal)
     top += p.forecast_z * math.sqrt(max(st.resid_var, 0.0))
     # a trend sustained over the last lead time, at its lower confidence bound: the damped Holt trend
-    # keeps ~half of a steady ramp over a 10-minute cold start, which orders capacity a cold start late
+    # keeps ~3/4 of a steady ramp a 10-minute cold start ahead, and orders capacity a cold start late
     sustained = sustained_rise(st.recent, now, horizon_s, p)
     if sustained is not None:
         top = max(top, sustained)

@@ -167,15 +167,17 @@ def model_target(
     obj = spec.objectives
     svc = _with_arrival_scv(cap.prefill_service.for_model(q.model), arrival_scv)
     util_rate = rate_rps if utilization_rate_rps is None else min(utilization_rate_rps, rate_rps)
-    util_need = util_rate * svc.mean_s / spec.params.max_prefill_utilization
+    cap_u = spec.params.max_prefill_utilization
+    util_need = util_rate * svc.mean_s / cap_u
     if spec.params.prefill_pooled:
         n_p = max(pooled_need(rate_rps, svc, obj.ttft_budget_s, obj.ttft_quantile, q.dp_groups), util_need)
         k = max(1, math.ceil(n_p - 1e-9))
         group = svc.scaled(float(q.dp_groups)) if q.dp_groups > 1 else svc
         per_instance = pooled_max_rate_rps(k * q.dp_groups, group, obj.ttft_budget_s, obj.ttft_quantile) / k
     else:
-        per_instance = min(cap.prefill_rate_rps, spec.params.max_prefill_utilization / svc.mean_s)
+        per_instance = min(cap.prefill_rate_rps, cap_u / svc.mean_s)
         n_p = max(rate_rps / cap.prefill_rate_rps, util_need)
+    n_p_capped = max(n_p, rate_rps * svc.mean_s / cap_u)
     # decode may be sized for a higher (peak) rate than prefill: it has no queue to absorb bursts
     n_d = max(rate_rps, decode_rate_rps or 0.0) / decode_rate
     ip = max(1, math.ceil(n_p - 1e-9))
@@ -197,4 +199,5 @@ def model_target(
         decode_rate_per_instance_rps=decode_rate,
         decode_batch_target=b_target,
         decode_batch_max=float(cap.decode.batch) if cap.decode.batch is not None else None,
+        n_prefill_capped_exact=n_p_capped,
     )

@@ -306,8 +306,7 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         target = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
                               calib.prefill_scale, calib.tpot_scale, decode_rate_rps=max(fc.max_rps, est.peak_rate_rps),
                               arrival_scv=ca2, utilization_rate_rps=max(est.arrival_rate_rps, 1e-9))
-        shrink_p = model_target(cfg, max(fc.max_rps, peak_p), shape[0], shape[1], shape[2], shape[3],
-                                calib.prefill_scale, calib.tpot_scale, arrival_scv=ca2).n_prefill_exact
+        shrink_p = target.n_prefill_exact if target.n_prefill_capped_exact is None else target.n_prefill_capped_exact
         if fleet.serving_prefill > 0 and fleet.serving_decode > 0 and est.arrival_rate_rps > 0:
             # the model's tail at the fleet as it serves now and the load as observed: beside the observed tail
             predicted_q = model_target(

@@ -183,6 +183,9 @@ class ModelTarget:
     decode_observed_need: float | None = None  # decode instances the observed running batch calls for
     prefill_backlog_need: float | None = None  # prefill instances the window's arrivals call for (core/backlog.py)
     decode_backlog_need: float | None = None  # decode instances the same arrivals call for, released by prefill
+    # the prefill need with the busy-share cap at the planned rate too (the stricter view; model.py): equal to
+    # n_prefill_exact unless the cap was applied at a lower observed rate
+    n_prefill_capped_exact: float | None = None
 
     def at_least(self, prefill: float = 0.0, decode: float = 0.0) -> ModelTarget:
         """This plan with each pool's exact need raised to at least the one given (its count follows)."""
