@@ -169,6 +169,13 @@ def test_a_goodput_target_above_the_offered_load_says_it_is_unreachable():
     c = evaluate(sc, jobs)["checks"]["goodput_1.2x_static_best"]
     assert c["pass"] is False
     assert "unreachable here: 1.2x static-best is 11.40 rps, above the offered 10.00 rps" in c["detail"]
+    c1 = evaluate(sc, jobs)["checks"]["goodput_1.1x_others"]
+    assert c1["detail"] == "no other policy at target"
+    jobs.append({"label": "threshold@0.5", "error": None, "result": {**base, "goodput_rps": 9.8}})
+    c1 = evaluate(sc, jobs)["checks"]["goodput_1.1x_others"]
+    assert c1["pass"] is False
+    assert c1["detail"] == "1.01x; unreachable here: 1.1x the best other is 10.78 rps, above the offered 10.00 rps"
+    jobs.pop()
     jobs[1]["result"]["goodput_rps"] = 5.0  # 1.2x of 5 is within the offered 10 rps: no bound to state
     c2 = evaluate(sc, jobs)["checks"]["goodput_1.2x_static_best"]
     assert c2["pass"] is True and "unreachable" not in c2["detail"]
