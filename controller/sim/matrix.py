@@ -112,12 +112,17 @@ def _scenario(path: str) -> tuple[Scenario, SimContext, SimConfig]:
     return _CACHE[path]
 
 
+def _per_minute(arrival_s: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Sums over the minute of arrival (counts without weights), minute 0 to the last arrival's."""
+    b = (arrival_s // 60.0).astype(np.int64)
+    return np.bincount(b, weights=weights, minlength=int(b.max()) + 1 if b.size else 0)
+
+
 def _minute_attainment(r: Result) -> list[float | None]:
     if r.met is None or r.arrival_s is None or r.arrival_s.size == 0:
         return []
-    b = (r.arrival_s // 60.0).astype(np.int64)
-    tot = np.bincount(b)
-    ok = np.bincount(b, weights=r.met.astype(np.float64), minlength=tot.size)
+    tot = _per_minute(r.arrival_s)
+    ok = _per_minute(r.arrival_s, r.met.astype(np.float64))
     return [round(float(o / t), 4) if t else None for o, t in zip(ok, tot, strict=True)]
 
 
@@ -144,15 +149,14 @@ def _minute_load(r: Result, ctx: SimContext) -> dict[str, list[int]]:
     tr = ctx.trace
     if r.arrival_s is None or r.ttft_each_s is None or r.tpot_each_ms is None or r.arrival_s.size != len(tr):
         return {}
-    b = (r.arrival_s // 60.0).astype(np.int64)
-    n = int(b.max()) + 1 if b.size else 0
+    arr = r.arrival_s
     obj = ctx.spec.objectives
     with np.errstate(invalid="ignore"):
         late = r.ttft_each_s > obj.ttft_s  # NaN (never finished) compares False: counted apart
         slow = ~late & (r.tpot_each_ms > obj.tpot_ms)
 
     def per(w: np.ndarray | None) -> list[int]:
-        return [round(float(x)) for x in np.bincount(b, weights=w, minlength=n)]
+        return [round(float(x)) for x in _per_minute(arr, w)]
 
     return {"requests": per(None), "input_tokens": per(tr.input_tokens.astype(np.float64)),
             "missed_ttft": per(late.astype(np.float64)), "missed_tpot": per(slow.astype(np.float64))}
