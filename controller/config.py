@@ -196,6 +196,12 @@ class ControlConfig(_Section):
     feedback_gain: float = Field(0.2, ge=0, description="tail feedback: log-headroom per window of burn rate 2")
     feedback_decay_s: float = Field(600.0, gt=0)
     feedback_max: float = Field(1.5, ge=1)
+    decode_slack_min: float = Field(0.8, gt=0, le=1, description="elastic: decode's lowest headroom while its "
+                                    "TPOT budget stays unspent (the model's need x this; 1 = off)")
+    slack_burn: float = Field(0.25, ge=0, lt=0.5, description="... while decode's burn averaged over slack_avg_s "
+                              "stays below this")
+    slack_avg_s: float = Field(900.0, gt=0)
+    slack_rate: float = Field(0.02, ge=0, description="log-headroom decode gives up per window of such calm")
     regrow_hold_factor: float = Field(1.0, ge=0, description="scale-down holds the peak load of this many regrow times")
 
     @model_validator(mode="after")

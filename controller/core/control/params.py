@@ -83,6 +83,12 @@ class ControlParams:
     feedback_gain: float = 0.2  # log-headroom added per window of burn rate 2 (0 = off)
     feedback_decay_s: float = 600.0  # headroom relaxes toward 1 with this time constant once the tail is met
     feedback_max: float = 1.5
+    # an unspent error budget (elastic): decode's headroom falls below 1 while TPOT stays far inside
+    # (feedback.py); its observed needs stay whole, so this only takes back the model's margins
+    decode_slack_min: float = 0.8  # lowest headroom: the model's need x 0.8 (1 = off)
+    slack_burn: float = 0.25  # ... while decode's burn averaged over slack_avg_s stays below this
+    slack_avg_s: float = 900.0
+    slack_rate: float = 0.02  # log-headroom given up per window of such calm
     # safe scale-down (see safety.py): hold the peak load seen within this many regrow times
     regrow_hold_factor: float = 1.0
 
@@ -118,6 +124,11 @@ class ControlParams:
             raise ModelInputError("feedback_gain", self.feedback_gain,
                                   f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
                                   f"feedback_max >= 1 (got {self.feedback_max})")
+        if not (0 < self.decode_slack_min <= 1 and 0 <= self.slack_burn < 0.5 and self.slack_rate >= 0
+                and self.slack_avg_s > 0):
+            raise ModelInputError("decode_slack_min", self.decode_slack_min,
+                                  f"need 0 < decode_slack_min <= 1, 0 <= slack_burn < 0.5 (got {self.slack_burn}), "
+                                  f"slack_rate >= 0 (got {self.slack_rate}), slack_avg_s > 0 (got {self.slack_avg_s})")
         if not (self.trend_lcb_z >= 0 and math.isfinite(self.trend_lcb_z)):
             raise ModelInputError("trend_lcb_z", self.trend_lcb_z, "must be a finite number >= 0 (0 = off)")
         if not (self.max_arrival_scv >= 1 and math.isfinite(self.max_arrival_scv)):

@@ -245,17 +245,22 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
     gate = getattr(obs.stats, "decode_gate_waiting", None)
     # anti-windup: misses in a window that saw the fleet change were (partly) the old fleet's
     settled = now - history.last_change_s >= p.window_s
+    horizon = p.flip_lead_s if p.mode is Mode.FIXED else p.cold_start_s
+    fc: Forecast = forecast(fc_state, now, horizon, p)
+    # an unspent error budget may lower decode's headroom below 1 (feedback.py): elastic only (a fixed
+    # budget's GPUs are paid for either way), never before one regrow time has been observed, and not
+    # while the load trends up by more than the tolerance band within one lead time
+    rising = fc.trend_rps_per_s * p.lead_s > p.tolerance * max(fc.level_rps, 1e-9)
+    relax = p.mode is Mode.ELASTIC and p.decode_slack_min < 1.0 and now - state.start_s >= p.regrow_hold_s \
+        and not rising
     feedback = update_feedback(
         state.feedback, burn, now, p,
         prefill_growing=not settled or any(t.target_role is Role.PREFILL for t in fleet.transitions),
         decode_growing=not settled or any(t.target_role is Role.DECODE for t in fleet.transitions),
-        ttft_is_decode=bool(gate) and (obs.stats.prefill_queued or 0) == 0,
+        ttft_is_decode=bool(gate) and (obs.stats.prefill_queued or 0) == 0, relax_decode=relax,
     )
     rates = record_rate(state.rates, now, est.arrival_rate_rps, est.peak_rate_rps, p.regrow_hold_s) \
         if covered else state.rates
-
-    horizon = p.flip_lead_s if p.mode is Mode.FIXED else p.cold_start_s
-    fc: Forecast = forecast(fc_state, now, horizon, p)
 
     new_state = replace(
         state, last_tick_s=now, window=window, in_flight=hist, forecaster=fc_state, calibration=calib,
@@ -358,7 +363,9 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         held_prefill_backlog=max((b[1] for b in backlogs), default=0.0),
         held_decode_backlog=max((b[2] for b in backlogs), default=0.0),
         now_prefill_need=max(now_t.n_prefill_exact * feedback.prefill_headroom, backlog or 0.0),
-        now_decode_need=max(max(now_t.n_decode_exact, target.decode_observed_need or 0.0) * feedback.decode_headroom,
+        # (a headroom below 1 scales the model's need only: the observed batch's need stays whole)
+        now_decode_need=max(now_t.n_decode_exact * feedback.decode_headroom,
+                            (target.decode_observed_need or 0.0) * max(feedback.decode_headroom, 1.0),
                             decode_backlog or 0.0),
         shrink_prefill_need=max(shrink_p * feedback.prefill_headroom, backlog or 0.0),
     )
@@ -368,15 +375,19 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
 
 
 def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decision]) -> ModelTarget:
-    """Scale each pool's need by its feedback headroom (>= 1) while its observed tail burns."""
+    """Scale each pool's need by its feedback headroom: above 1 while its observed tail burns, below 1
+    while an error budget stays unspent (the decode need read from the running batch is observed,
+    not modelled: it is never scaled down)."""
     hp, hd = fb.prefill_headroom, fb.decode_headroom
-    if hp <= 1.0 and hd <= 1.0:
+    if hp == 1.0 and hd == 1.0:
         return target
     if hp >= 1.01:
         decisions.append(Decision("prefill", Reason.SLO_BREACH, f"tail feedback: need x{hp:.2f}"))
     if hd >= 1.01:
         decisions.append(Decision("decode", Reason.SLO_BREACH, f"tail feedback: need x{hd:.2f}"))
     pe, de = target.n_prefill_exact * hp, target.n_decode_exact * hd
+    if hd < 1.0 and target.decode_observed_need is not None:
+        de = max(de, target.decode_observed_need)
     return replace(target, n_prefill_exact=pe, n_decode_exact=de,
                    n_prefill=max(1, math.ceil(pe - 1e-9)), n_decode=max(1, math.ceil(de - 1e-9)))
 
