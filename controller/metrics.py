@@ -39,6 +39,10 @@ class ControllerMetrics:
         self.model_error = Gauge(
             f"{PREFIX}model_error_ratio", "Calibration EMA of (predicted - observed) / observed, by quantity.", ["quantity"], registry=r
         )
+        self.feedback_headroom = Gauge(
+            f"{PREFIX}feedback_headroom", "Tail feedback's multiplier on each pool's model need (> 1 while its tail "
+            "burns; decode < 1 while its TPOT budget stays unspent), by role.", ["role"], registry=r,
+        )
         self.prefill_tps = Gauge(
             f"{PREFIX}prefill_throughput_effective_tps", "Effective prefill tokens/s per instance at the TTFT objective.", registry=r
         )

@@ -307,6 +307,9 @@ class TickLoop:
             m.observed_ttft.set(self.observed_ttft_s)
         if self.observed_tpot_s is not None:
             m.observed_tpot.set(self.observed_tpot_s)
+        if d.feedback is not None:
+            m.feedback_headroom.labels(role="prefill").set(d.feedback.prefill_headroom)
+            m.feedback_headroom.labels(role="decode").set(d.feedback.decode_headroom)
         c = d.calibration
         m.calibration_scale.labels(quantity="prefill_service").set(c.prefill_service_scale)
         m.calibration_scale.labels(quantity="tpot").set(c.tpot_scale)

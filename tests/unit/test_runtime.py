@@ -228,6 +228,10 @@ async def test_the_plan_and_the_burst_bound_are_exported(registry):
     assert decode == pytest.approx(model["n_decode_exact"])
     flood = registry.get_sample_value("pdctl_needed_instances", {"role": "decode", "source": "arrival_burst"})
     assert flood == pytest.approx(model["decode_backlog_need"]) and 0 < flood <= decode + 1e-9
+    # the tail is met (P99 TTFT 0.3 s of 2 s, TPOT 30 of 50 ms): no headroom on prefill; decode's is
+    # at most 1 (it relaxes only once a regrow time has been observed)
+    assert registry.get_sample_value("pdctl_feedback_headroom", {"role": "prefill"}) == 1.0
+    assert 0 < registry.get_sample_value("pdctl_feedback_headroom", {"role": "decode"}) <= 1.0
 
 
 @pytest.mark.parametrize(
