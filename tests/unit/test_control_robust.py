@@ -34,6 +34,7 @@ from controller.core.control import (
 )
 from controller.core.control.feedback import FeedbackState, measure_burn, update_feedback
 from controller.core.control.safety import FleetHistory, consolidation_ok
+from controller.core.control.types import ModelTarget
 from controller.core.events import empty_arrivals, empty_events
 from controller.core.pooled import erlang_c, pooled_need, pooled_sojourn_s
 from controller.core.prefill import QueueModel, ServiceTime, sojourn_s
@@ -762,3 +763,15 @@ def test_an_unspent_tpot_budget_gives_back_the_decode_instance_the_margins_held(
     assert relaxed.timeline.decode[-1] == 3
     assert relaxed.slo_attainment >= 0.99 and relaxed.gpu_hours < whole.gpu_hours
     assert relaxed.timeline.prefill == whole.timeline.prefill  # prefill's plan is untouched
+
+
+
+def test_a_relaxed_decode_need_says_so_and_keeps_the_observed_batch_need() -> None:
+    from controller.core.control.tick import _with_headroom
+
+    t = ModelTarget(2.0, 6.0, 2, 6, None, None, 1.0, 1.0, decode_observed_need=5.5)
+    decisions: list = []
+    out = _with_headroom(t, FeedbackState(decode_headroom=0.8), decisions)
+    assert out.n_decode_exact == pytest.approx(5.5) and out.n_decode == 6  # 6 x 0.8 = 4.8, floored at 5.5
+    assert out.n_prefill_exact == 2.0
+    assert [d.reason for d in decisions] == [Reason.BUDGET_UNSPENT]

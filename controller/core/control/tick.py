@@ -385,6 +385,9 @@ def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decis
         decisions.append(Decision("prefill", Reason.SLO_BREACH, f"tail feedback: need x{hp:.2f}"))
     if hd >= 1.01:
         decisions.append(Decision("decode", Reason.SLO_BREACH, f"tail feedback: need x{hd:.2f}"))
+    elif hd <= 0.99:
+        decisions.append(Decision("decode", Reason.BUDGET_UNSPENT,
+                                  f"TPOT budget unspent: model need x{hd:.2f} (observed needs whole)"))
     pe, de = target.n_prefill_exact * hp, target.n_decode_exact * hd
     if hd < 1.0 and target.decode_observed_need is not None:
         de = max(de, target.decode_observed_need)

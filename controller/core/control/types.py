@@ -48,6 +48,7 @@ class Reason(StrEnum):
     SCALE_DOWN_RISK = "scale_down_risk"  # the smaller pool would not hold the load seen within a regrow time
     REVERSAL_BLOCKED = "reversal_blocked"  # undoing a recent flip while the pool it left keeps its objective
     SLO_BREACH = "slo_breach"  # the observed tail misses the objective: feedback raises the pool's need
+    BUDGET_UNSPENT = "budget_unspent"  # decode's TPOT budget stays unspent: feedback lowers its model need
 
 
 @dataclass(frozen=True)
