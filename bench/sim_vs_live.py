@@ -66,7 +66,9 @@ def sim_side(duration_s: float, time_scale: float) -> dict[str, Any]:
             m = (r.arrival_s >= lo) & (r.arrival_s < hi)
             tt, tp = r.ttft_each_s[m], r.tpot_each_ms[m] / 1000.0
             tp = tp[np.isfinite(tp) & (tp > 0)]
-            phases[name] = {"slo_attainment": round(float(r.met[m].mean()), 4) if m.any() else None,
+            # a request that never finished is the simulator's failure (the live side's: an error reply)
+            phases[name] = {"requests": int(m.sum()), "failed": int(np.sum(~np.isfinite(r.ttft_each_s[m]))),
+                            "slo_attainment": round(float(r.met[m].mean()), 4) if m.any() else None,
                             "ttft_p50_s": _q(tt, 0.5), "ttft_p90_s": _q(tt, 0.9),
                             "tpot_p50_s": _q(tp, 0.5), "tpot_p90_s": _q(tp, 0.9)}
         return {"phases": phases, "flips": [{"t_s": t, "to": d} for t, d in log.flips]}
@@ -95,6 +97,11 @@ def main() -> int:
         d = 100 * (l_att - s_att) if s_att is not None and l_att is not None else float("nan")
         worst = max(worst, abs(d))
         print(f"{name:<6} {100 * s_att:>14.1f}% {100 * l_att:>15.1f}% {d:>+14.1f}")
+    print(f"{'phase':<6} {'':>6} {'requests':>9} {'failed':>7}")
+    for name in ("code", "conv"):
+        for side, src in (("sim", sim), ("live", live)):
+            ph = src["phases"][name]
+            print(f"{name:<6} {side:>6} {ph.get('requests', '-'):>9} {ph.get('failed', '-'):>7}")
     print(f"{'phase':<6} {'':>6} {'TTFT p50 s':>11} {'TTFT p90 s':>11} {'TPOT p50 ms':>12} {'TPOT p90 ms':>12}")
     for name in ("code", "conv"):
         for side, src in (("sim", sim), ("live", live)):

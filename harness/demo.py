@@ -426,6 +426,7 @@ def summarize(client: Client, act: RecordingActuator, samples: list[Sample], fle
         tail = [o for o in ph if (o.sent_s >= half_s / 2 if name == "code" else o.sent_s >= half_s * 1.5)]
         return {
             "requests": len(ph),
+            "failed": sum(1 for o in ph if not o.ok),
             "slo_attainment": round(sum(client.met(o) for o in ph) / len(ph), 4) if ph else None,
             "slo_attainment_second_half": round(sum(client.met(o) for o in tail) / len(tail), 4) if tail else None,
             "ttft_p50_s": _q([o.ttft_s for o in ph if o.ok], 0.5), "tpot_p50_s": _q([o.tpot_s for o in ph if o.ok], 0.5),

@@ -68,6 +68,8 @@ def test_demo_flips_with_zero_failures_and_cleans_up(tmp_path):
         assert key in s
     assert s["requests"] > 50
     assert s["failed_requests"] == 0, s["errors"]
+    assert sum(ph["requests"] for ph in s["phases"].values()) == s["requests"]
+    assert sum(ph["failed"] for ph in s["phases"].values()) == s["failed_requests"]
     assert s["flips"] >= 1, (s["flip_log"], r.stderr[-2000:])
     assert s["final_prefill"] + s["final_decode"] == 4
     # the router's /workers shows the split the controller reports
