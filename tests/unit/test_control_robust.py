@@ -775,3 +775,25 @@ def test_a_relaxed_decode_need_says_so_and_keeps_the_observed_batch_need() -> No
     assert out.n_decode_exact == pytest.approx(5.5) and out.n_decode == 6  # 6 x 0.8 = 4.8, floored at 5.5
     assert out.n_prefill_exact == 2.0
     assert [d.reason for d in decisions] == [Reason.BUDGET_UNSPENT]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.0, 5.0), st.floats(0.0, 5.0), st.booleans(), st.booleans(), st.booleans()),
+                min_size=1, max_size=80))
+def test_headrooms_stay_in_their_bounds_and_prefill_never_relaxes(steps) -> None:
+    """Whatever the burns, growth and relax flags: prefill's headroom in [1, feedback_max], decode's in
+    [decode_slack_min, feedback_max], and decode below 1 only after a tick that allowed relaxing."""
+    p = ControlParams()
+    obj = Objectives(2.0, 50.0, 0.99, 0.05)
+    s = FeedbackState(last_s=0.0)
+    relaxed_once = False
+    for i, (t_burn, d_burn, p_grow, d_grow, relax) in enumerate(steps):
+        n = 1000
+        ttft = np.r_[np.full(n - int(t_burn * 10), 0.5), np.full(int(t_burn * 10), 3.0)]
+        tpot = np.r_[np.full(n - int(d_burn * 10), 0.03), np.full(int(d_burn * 10), 0.08)]
+        s = update_feedback(s, measure_burn(ttft, tpot, obj, p), 30.0 * (i + 1), p,
+                            prefill_growing=p_grow, decode_growing=d_grow, relax_decode=relax)
+        relaxed_once |= relax
+        assert 1.0 <= s.prefill_headroom <= p.feedback_max
+        assert p.decode_slack_min - 1e-12 <= s.decode_headroom <= p.feedback_max
+        assert s.decode_headroom >= 1.0 or relaxed_once
