@@ -742,15 +742,11 @@ def test_a_burn_averaged_above_the_slack_threshold_keeps_decode_whole() -> None:
 def _dsv3_conv(params: dict | None):
     """The matrix's DeepSeek-V3 H200 TP8 conversation scenario (P90 TTFT 3 s, TPOT 40 ms, 600 s cold
     starts), its first 30 minutes on the simulated fleet."""
-    from controller.sim.policies import make_policy
-    from controller.sim.runner import simulate
-    from controller.sim.scenarios import build, load_scenario
+    from controller.sim.scenarios import load_scenario
     from tests.conftest import REPO
 
-    ctx, sim = build(load_scenario(REPO / "configs" / "scenarios" / "azure-conv-dsv3-h200tp8-x3-p90.yaml"),
-                     params=params)
-    ctx = replace(ctx, trace=ctx.trace.window(0.0, 1800.0))
-    return simulate(make_policy("slo", ctx), ctx, sim)
+    sc = load_scenario(REPO / "configs" / "scenarios" / "azure-conv-dsv3-h200tp8-x3-p90.yaml")
+    return _simulate_slo(sc.model_dump(), until_s=1800.0, params=params)
 
 
 def test_an_unspent_tpot_budget_gives_back_the_decode_instance_the_margins_held() -> None:
@@ -763,7 +759,6 @@ def test_an_unspent_tpot_budget_gives_back_the_decode_instance_the_margins_held(
     assert relaxed.timeline.decode[-1] == 3
     assert relaxed.slo_attainment >= 0.99 and relaxed.gpu_hours < whole.gpu_hours
     assert relaxed.timeline.prefill == whole.timeline.prefill  # prefill's plan is untouched
-
 
 
 def test_a_relaxed_decode_need_says_so_and_keeps_the_observed_batch_need() -> None:

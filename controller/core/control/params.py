@@ -124,11 +124,14 @@ class ControlParams:
             raise ModelInputError("feedback_gain", self.feedback_gain,
                                   f"need gain >= 0, feedback_decay_s > 0 (got {self.feedback_decay_s}), "
                                   f"feedback_max >= 1 (got {self.feedback_max})")
-        if not (0 < self.decode_slack_min <= 1 and 0 <= self.slack_burn < 0.5 and self.slack_rate >= 0
-                and self.slack_avg_s > 0):
-            raise ModelInputError("decode_slack_min", self.decode_slack_min,
-                                  f"need 0 < decode_slack_min <= 1, 0 <= slack_burn < 0.5 (got {self.slack_burn}), "
-                                  f"slack_rate >= 0 (got {self.slack_rate}), slack_avg_s > 0 (got {self.slack_avg_s})")
+        for name, ok, rule in (
+            ("decode_slack_min", 0 < self.decode_slack_min <= 1, "must be in (0, 1] (1 = off)"),
+            ("slack_burn", 0 <= self.slack_burn < 0.5, "must be in [0, 0.5): a window at half its allowance resets"),
+            ("slack_rate", self.slack_rate >= 0 and math.isfinite(self.slack_rate), "must be a finite number >= 0"),
+            ("slack_avg_s", self.slack_avg_s > 0 and math.isfinite(self.slack_avg_s), "must be a positive number of seconds"),
+        ):
+            if not ok:
+                raise ModelInputError(name, getattr(self, name), rule)
         if not (self.trend_lcb_z >= 0 and math.isfinite(self.trend_lcb_z)):
             raise ModelInputError("trend_lcb_z", self.trend_lcb_z, "must be a finite number >= 0 (0 = off)")
         if not (self.max_arrival_scv >= 1 and math.isfinite(self.max_arrival_scv)):

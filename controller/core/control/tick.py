@@ -363,10 +363,8 @@ def tick(state: ControllerState, obs: Observations, cfg: ControlSpec, now: float
         held_prefill_backlog=max((b[1] for b in backlogs), default=0.0),
         held_decode_backlog=max((b[2] for b in backlogs), default=0.0),
         now_prefill_need=max(now_t.n_prefill_exact * feedback.prefill_headroom, backlog or 0.0),
-        # (a headroom below 1 scales the model's need only: the observed batch's need stays whole)
-        now_decode_need=max(now_t.n_decode_exact * feedback.decode_headroom,
-                            (target.decode_observed_need or 0.0) * max(feedback.decode_headroom, 1.0),
-                            decode_backlog or 0.0),
+        now_decode_need=max(_decode_with_headroom(now_t.n_decode_exact, target.decode_observed_need,
+                                                  feedback.decode_headroom), decode_backlog or 0.0),
         shrink_prefill_need=max(shrink_p * feedback.prefill_headroom, backlog or 0.0),
     )
     if p.mode is Mode.FIXED:
@@ -388,11 +386,15 @@ def _with_headroom(target: ModelTarget, fb: FeedbackState, decisions: list[Decis
     elif hd <= 0.99:
         decisions.append(Decision("decode", Reason.BUDGET_UNSPENT,
                                   f"TPOT budget unspent: model need x{hd:.2f} (observed needs whole)"))
-    pe, de = target.n_prefill_exact * hp, target.n_decode_exact * hd
-    if hd < 1.0 and target.decode_observed_need is not None:
-        de = max(de, target.decode_observed_need)
+    pe, de = target.n_prefill_exact * hp, _decode_with_headroom(target.n_decode_exact, target.decode_observed_need, hd)
     return replace(target, n_prefill_exact=pe, n_decode_exact=de,
                    n_prefill=max(1, math.ceil(pe - 1e-9)), n_decode=max(1, math.ceil(de - 1e-9)))
+
+
+def _decode_with_headroom(need: float, observed_need: float | None, headroom: float) -> float:
+    """Decode's need times its feedback headroom. Below 1 the headroom scales the model only: the need
+    the running batch calls for is observed, and stays whole."""
+    return max(need * headroom, (observed_need or 0.0) * max(headroom, 1.0))
 
 
 def _window_requests(cfg: ControlSpec, arrivals: ArrivalWindow | None, window: EventWindow, now: float,
